@@ -1,0 +1,75 @@
+"""Every difference between the CPython versions we support, in one place.
+
+The rest of the package asks these flags and tables instead of reading
+``sys.version_info`` itself, so dropping a version means deleting its flag
+and the branches that name it.
+"""
+import sys
+
+PY39 = sys.version_info >= (3, 9)
+PY311 = sys.version_info >= (3, 11)
+PY312 = sys.version_info >= (3, 12)
+PY313 = sys.version_info >= (3, 13)
+
+# Instructions that end a function normally.  RETURN_CONST arrived in 3.12
+# (python/cpython#101632) and returns without pushing the value first.
+RETURN_OPS = frozenset({"RETURN_VALUE", "RETURN_CONST"})
+
+# Instructions that bind a local.  The superinstructions of 3.13 store into
+# one or both of the names in their tuple argument; see ``stored_names``.
+STORE_OPS = frozenset({"STORE_FAST", "STORE_DEREF"})
+STORE_FIRST_OPS = frozenset({"STORE_FAST_LOAD_FAST"})
+STORE_BOTH_OPS = frozenset({"STORE_FAST_STORE_FAST"})
+
+# Instructions that can leave a local unbound.  LOAD_FAST_AND_CLEAR (3.12,
+# PEP 709 inlined comprehensions) saves and clears a name, and the matching
+# STORE_FAST may put back "unbound"; we treat such a name like a deleted one.
+UNBIND_OPS = frozenset({"DELETE_FAST", "DELETE_DEREF", "LOAD_FAST_AND_CLEAR"})
+
+
+def call_ops(callable_op, args):
+    """Return the ``(opname, arg)`` pairs that call a callable and push its result.
+
+    ``callable_op`` is the pair that pushes the callable; ``args`` holds, for
+    each argument, the list of pairs that push it.  The calling convention
+    changed three times:
+
+    * 3.8-3.10: ``callable, args; CALL_FUNCTION n``
+    * 3.11: ``PUSH_NULL, callable, args; PRECALL n; CALL n``
+    * 3.12: ``PUSH_NULL, callable, args; CALL n``
+    * 3.13: ``callable, PUSH_NULL, args; CALL n`` (python/cpython#107788 moved
+      the NULL after the callable).
+    """
+    n = len(args)
+    arg_ops = [op for arg in args for op in arg]
+    if PY313:
+        return [callable_op, ("PUSH_NULL", None)] + list(arg_ops) + [("CALL", n)]
+    if PY312:
+        return [("PUSH_NULL", None), callable_op] + list(arg_ops) + [("CALL", n)]
+    if PY311:
+        return ([("PUSH_NULL", None), callable_op] + list(arg_ops)
+                + [("PRECALL", n), ("CALL", n)])
+    return [callable_op] + list(arg_ops) + [("CALL_FUNCTION", n)]
+
+
+def stored_names(name, arg):
+    """Return the local names an instruction binds (empty for most)."""
+    if name in STORE_OPS:
+        return (_plain(arg),)
+    if name in STORE_FIRST_OPS:
+        return (_plain(arg[0]),)
+    if name in STORE_BOTH_OPS:
+        return (_plain(arg[0]), _plain(arg[1]))
+    return ()
+
+
+def unbound_name(name, arg):
+    """Return the local an instruction may unbind, or None."""
+    if name in UNBIND_OPS:
+        return _plain(arg)
+    return None
+
+
+def _plain(arg):
+    # bytecode gives cell and free variables as CellVar/FreeVar objects.
+    return getattr(arg, "name", arg)

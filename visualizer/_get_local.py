@@ -1,0 +1,403 @@
+"""The ``get_local`` object: decorator, switch and cache.
+
+This module holds all the state: which functions are under capture, their
+original and rewritten code objects, and the cache.  The code rewriting
+itself is the pure function ``_rewrite.rewrite``.
+
+Capture is "installed" by assigning the rewritten code object to the
+function's ``__code__`` and "removed" by assigning the original back, so the
+function object (and every reference to it, bound methods included) stays
+the same and, while capture is off, runs exactly the code it was born with.
+"""
+import threading
+import types
+import warnings
+import weakref
+
+from . import _rewrite
+from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
+from ._values import to_numpy
+
+
+class _Probe:
+    """What one rewritten code object calls when it returns.
+
+    The rewritten code holds the bound methods ``record`` and
+    ``record_locals`` as constants; they hand the values to the shared state.
+    """
+
+    __slots__ = ("state", "target", "__weakref__")
+
+    def __init__(self, state, target):
+        self.state = state
+        self.target = target
+
+    def record(self, *values):
+        """Called with ``(source, *values)`` or ``values`` where all are bound."""
+        target = self.target
+        try:
+            if target.source is None:
+                self.state.capture(target, None, values)
+            else:
+                self.state.capture(target, values[0], values[1:])
+        except Exception as exc:  # never let a capture break the user's function
+            self.state.capture_failed(target, exc)
+
+    def record_locals(self, frame_locals):
+        """Called with ``locals()`` where some name may be unbound."""
+        target = self.target
+        try:
+            missing = [n for n in target.names if n not in frame_locals]
+            if missing:
+                target.warn_unbound(missing)
+                return
+            source = None if target.source is None else frame_locals.get(target.source)
+            self.state.capture(target, source, [frame_locals[n] for n in target.names])
+        except Exception as exc:
+            self.state.capture_failed(target, exc)
+
+
+class _Target:
+    """One original code object under capture, and the functions that run it."""
+
+    def __init__(self, state, code, qualname, names, source):
+        self.code = code
+        self.qualname = qualname
+        self.names = tuple(names)
+        self.source = source
+        self.probe = _Probe(state, self)
+        self.rewritten = None
+        self.functions = weakref.WeakSet()
+        self.warned = set()
+
+    @property
+    def keys(self):
+        """Cache keys, one per name: the qualname alone when there is one name."""
+        if len(self.names) == 1:
+            return (self.qualname,)
+        return tuple("{}.{}".format(self.qualname, n) for n in self.names)
+
+    def add_names(self, names):
+        """Capture ``names`` as well; the code is rewritten again on next install."""
+        merged = tuple(dict.fromkeys(self.names + tuple(names)))
+        if merged != self.names:
+            self.names = merged
+            self.rewritten = None
+        return merged
+
+    def rewritten_code(self):
+        if self.rewritten is None:
+            self.rewritten = _rewrite.rewrite(
+                self.code, self.names, self.probe.record, self.probe.record_locals,
+                source=self.source)
+        return self.rewritten
+
+    def warn_unbound(self, missing):
+        new = [n for n in missing if n not in self.warned]
+        if not new:
+            return
+        self.warned.update(new)
+        names = ", ".join(repr(n) for n in new)
+        warnings.warn(
+            "get_local: {names} {verb} not bound when {fn} returned, so that call recorded "
+            "nothing (later calls like it are not reported again). The variable is "
+            "assigned only on a path that did not run, e.g. a fused-attention fast "
+            "path; make that path run (timm: fused_attn=False; transformers: "
+            "attn_implementation='eager'), or capture a variable bound on every "
+            "path.".format(names=names, verb="was" if len(new) == 1 else "were",
+                          fn=self.qualname),
+            CaptureWarning, stacklevel=3)
+
+
+class _State:
+    """Everything that changes at run time, shared by all probes."""
+
+    def __init__(self):
+        self.active = False
+        self.cache = {}
+        self.lock = threading.RLock()
+        self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
+        self.by_rewritten = {}  # id(rewritten code) -> (rewritten code, _Target)
+        self.convert = to_numpy
+        self.failed = set()
+
+    def capture(self, target, source, values):
+        if not self.active:
+            return
+        cache = self.cache
+        convert = self.convert
+        for key, value in zip(target.keys, values):
+            stored = convert(value)
+            try:
+                cache[key].append(stored)
+            except KeyError:
+                cache.setdefault(key, []).append(stored)
+
+    def capture_failed(self, target, exc):
+        if target.qualname in self.failed:
+            return
+        self.failed.add(target.qualname)
+        warnings.warn(
+            "get_local: capturing {} failed and that call recorded nothing: {}: {}"
+            .format(target.qualname, type(exc).__name__, exc),
+            CaptureWarning, stacklevel=3)
+
+    # -- installing and removing rewritten code -------------------------------
+
+    def target_of(self, code):
+        """The target whose original or rewritten code ``code`` is, or None."""
+        target = self.targets.get(id(code))
+        if target is not None and target.code is code:
+            return target
+        code_and_target = self.by_rewritten.get(id(code))
+        if code_and_target is not None and code_and_target[0] is code:
+            return code_and_target[1]
+        return None
+
+    def install(self, target, function):
+        if self.target_of(function.__code__) is target:
+            new = target.rewritten_code()
+            self.by_rewritten[id(new)] = (new, target)
+            function.__code__ = new
+            for key in target.keys:
+                self.cache.setdefault(key, [])
+        else:
+            warnings.warn(
+                "get_local: {} no longer runs the code it had when it was decorated "
+                "(something else replaced its __code__), so it is not captured."
+                .format(target.qualname), CaptureWarning, stacklevel=3)
+
+    def uninstall(self, target, function):
+        code = function.__code__
+        if code is not target.code and self.target_of(code) is target:
+            function.__code__ = target.code
+
+    def register(self, function, names, source):
+        """Put ``function`` under capture of ``names``; install now if active."""
+        with self.lock:
+            code = function.__code__
+            target = self.target_of(code)
+            if target is None:
+                target = _Target(self, code, function.__qualname__, names, source)
+                self.targets[id(code)] = target
+            else:
+                old_keys = target.keys
+                target.add_names(names)
+                for key in old_keys:
+                    if key not in target.keys and not self.cache.get(key, True):
+                        del self.cache[key]
+            target.functions.add(function)
+            if self.active:
+                for fn in list(target.functions):
+                    self.install(target, fn)
+            return target
+
+    def set_active(self, active):
+        with self.lock:
+            self.active = active
+            for target in list(self.targets.values()):
+                for fn in list(target.functions):
+                    if active:
+                        self.install(target, fn)
+                    else:
+                        self.uninstall(target, fn)
+
+
+class GetLocal:
+    """Capture local variables of functions by name, per call, into a cache.
+
+    Use it as a decorator with the names of the locals to capture::
+
+        from visualizer import get_local
+        get_local.activate()
+
+        @get_local('attn')
+        def attention(q, k, v):
+            attn = (q @ k.T).softmax(-1)
+            return attn @ v
+
+        attention(q, k, v)
+        get_local.cache    # {'attention': [attn of that call]}
+
+    The decorator returns the very function it was given.  While capture is
+    active, that function's ``__code__`` is a rewritten copy that reports the
+    named locals each time it returns; while inactive it is the original code,
+    so an inactive ``get_local`` costs nothing at all.  Functions decorated
+    while inactive are remembered and start capturing when ``activate()`` is
+    called, so the order of activate and import does not matter.
+    """
+
+    def __init__(self):
+        self._state = _State()
+
+    # -- the decorator --------------------------------------------------------
+
+    def __call__(self, *names):
+        """Return a decorator that captures the locals ``names`` of a function.
+
+        With one name the cache key is the function's ``__qualname__``; with
+        several, each name gets ``'<qualname>.<name>'``.
+
+        >>> @get_local('y')
+        ... def f(x):
+        ...     y = x * 2
+        ...     return y + 1
+        """
+        names = _check_names(names)
+
+        def decorator(obj):
+            function, source = _function_of(obj, names)
+            self._state.register(function, names, source)
+            return obj
+
+        return decorator
+
+    # -- the switch -----------------------------------------------------------
+
+    def activate(self):
+        """Turn capture on for every decorated function, past and future.
+
+        >>> get_local.activate()
+        """
+        self._state.set_active(True)
+
+    def deactivate(self):
+        """Turn capture off: every decorated function gets its original code back.
+
+        The cache keeps what it holds.
+
+        >>> get_local.deactivate()
+        """
+        self._state.set_active(False)
+
+    @property
+    def active(self):
+        """Whether capture is on."""
+        return self._state.active
+
+    # -- the cache ------------------------------------------------------------
+
+    @property
+    def cache(self):
+        """The captures: ``{key: [value of call 1, value of call 2, ...]}``.
+
+        Keys are ``__qualname__`` (one captured name) or ``'<qualname>.<name>'``
+        (several).  Lists are in the order the calls returned.
+        """
+        return self._state.cache
+
+    def clear(self):
+        """Empty every list in the cache, keeping the keys.
+
+        >>> get_local.clear()
+        """
+        for values in list(self._state.cache.values()):
+            values.clear()
+
+    def __repr__(self):
+        state = "active" if self.active else "inactive"
+        return "<get_local {}: {} keys>".format(state, len(self.cache))
+
+
+def _check_names(names):
+    if not names:
+        raise VisualizerTypeError(
+            "get_local needs the names of the locals to capture, "
+            "e.g. @get_local('attn') or @get_local('q', 'k')")
+    for name in names:
+        if not isinstance(name, str):
+            if callable(name):
+                raise VisualizerTypeError(
+                    "get_local takes variable names, but was given {!r}; "
+                    "write @get_local('attn'), not @get_local".format(name))
+            raise VisualizerTypeError(
+                "get_local takes variable names as strings, got {} {!r}"
+                .format(type(name).__name__, name))
+        if not name.isidentifier():
+            raise VisualizerValueError(
+                "get_local: {!r} is not a valid variable name".format(name))
+    return tuple(dict.fromkeys(names))
+
+
+def _function_of(obj, names):
+    """Return ``(function, source)``: the plain function to rewrite for ``obj``.
+
+    ``source`` is the argument passed on as the event source (``self`` or
+    ``cls``), or None.  Raises a clear error for anything that is not a
+    function with those locals.
+    """
+    source_allowed = True
+    described = _describe(obj)
+    if isinstance(obj, staticmethod):
+        obj, source_allowed = obj.__func__, False
+    elif isinstance(obj, (classmethod, types.MethodType)):
+        obj = obj.__func__
+    elif isinstance(obj, property):
+        if obj.fget is None:
+            raise VisualizerTypeError(
+                "get_local cannot decorate {}: the property has no getter".format(described))
+        obj = obj.fget
+    outer = obj
+    while True:
+        if isinstance(obj, type):
+            raise VisualizerTypeError(
+                "get_local cannot decorate the class {}: decorate the method that "
+                "computes the variable, e.g. {}.forward".format(described, obj.__qualname__))
+        if not isinstance(obj, types.FunctionType):
+            wrapped = getattr(obj, "__wrapped__", None)
+            if wrapped is not None:
+                obj = wrapped
+                continue
+            raise VisualizerTypeError(
+                "get_local can only decorate Python functions and methods, not {} "
+                "(it has no Python bytecode to rewrite)".format(described))
+        code = obj.__code__
+        kind = _rewrite.unsupported_kind(code)
+        if kind is not None:
+            raise VisualizerTypeError(
+                "get_local cannot capture from {}, which is {}: its locals are "
+                "not final when it returns a value to its caller. Capture from the "
+                "function that consumes it, or return the values you need."
+                .format(obj.__qualname__, kind))
+        missing = _rewrite.missing_names(code, names)
+        if not missing:
+            break
+        wrapped = getattr(obj, "__wrapped__", None)
+        if wrapped is None:
+            raise _missing_error(outer, obj, missing)
+        obj = wrapped
+    return obj, _source_argument(obj) if source_allowed else None
+
+
+def _source_argument(function):
+    """The first argument's name if ``function`` is defined in a class body."""
+    parts = function.__qualname__.split(".")
+    code = function.__code__
+    if len(parts) >= 2 and parts[-2] != "<locals>" and code.co_argcount >= 1:
+        return code.co_varnames[0]
+    return None
+
+
+def _missing_error(outer, function, missing):
+    parts = []
+    for name, close in missing:
+        text = "no local variable {!r}".format(name)
+        if close:
+            text += " (did you mean {!r}?)".format(close)
+        parts.append(text)
+    where = function.__qualname__
+    if function is not outer:
+        where += " (unwrapped from {})".format(getattr(outer, "__qualname__", outer))
+    available = _rewrite.local_names(function.__code__)
+    return VisualizerValueError(
+        "get_local: {} has {}. Its locals are: {}".format(
+            where, ", ".join(parts), ", ".join(available) or "(none)"))
+
+
+def _describe(obj):
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    kind = type(obj).__name__
+    return "{} {}".format(kind, name) if name else "{} {!r}".format(kind, obj)
+
+
+get_local = GetLocal()

@@ -1,0 +1,218 @@
+"""Rewrite a code object so that it reports chosen locals when it returns.
+
+Pure: a code object goes in, a new code object comes out; nothing here holds
+state, activates anything or knows about torch.  The stateful API lives in
+``_get_local``.
+
+Before every return instruction (``RETURN_VALUE``, and ``RETURN_CONST`` on
+3.12+) the rewritten code calls a recorder.  That point is after any
+``finally`` has run and after the return value was computed, on every return
+path, and the return value itself stays untouched on the stack.
+
+A return site gets one of two probes:
+
+* ``record(*values)`` with each value loaded directly (``LOAD_FAST`` or
+  ``LOAD_DEREF``), when a data-flow analysis proves every name is bound there;
+* ``record_locals(locals())`` otherwise: ``locals()`` leaves an unbound name
+  out instead of raising, and reads cells by value.
+
+The recorders must never raise: an exception from them would surface inside
+the user's function, where a ``try`` of theirs could catch it.
+"""
+import difflib
+import types
+
+from bytecode import Bytecode, CellVar, FreeVar, Instr, Label
+
+from . import _compat
+
+try:  # bytecode 0.14+ (Python 3.11+) models the exception table this way.
+    from bytecode import TryBegin, TryEnd
+except ImportError:  # pragma: no cover - bytecode 0.16 always has them
+    TryBegin = TryEnd = ()
+
+_UNSUPPORTED_FLAGS = (
+    (0x20, "a generator function"),          # CO_GENERATOR
+    (0x80, "a coroutine function"),           # CO_COROUTINE
+    (0x100, "a generator-based coroutine"),   # CO_ITERABLE_COROUTINE
+    (0x200, "an async generator function"),   # CO_ASYNC_GENERATOR
+)
+
+
+def local_names(code):
+    """Return every name ``code`` can capture: locals, cells and free variables."""
+    names = list(code.co_varnames)
+    names += [n for n in code.co_cellvars if n not in names]
+    names += [n for n in code.co_freevars if n not in names]
+    return tuple(names)
+
+
+def unsupported_kind(code):
+    """Return why ``code`` cannot be rewritten (e.g. 'a generator function'), or None.
+
+    A generator's ``return`` runs once at exhaustion, not when the caller gets
+    its values, so "the value when the function returns" has no clear meaning.
+    """
+    for flag, kind in _UNSUPPORTED_FLAGS:
+        if code.co_flags & flag:
+            return kind
+    return None
+
+
+def missing_names(code, names):
+    """Return ``(name, suggestion)`` for each name that is not a local of ``code``."""
+    available = local_names(code)
+    out = []
+    for name in names:
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=1)
+            out.append((name, close[0] if close else None))
+    return out
+
+
+def rewrite(code, names, record, record_locals, source=None):
+    """Return a copy of ``code`` that reports ``names`` at every return.
+
+    ``record`` is called as ``record(source_value, *values)`` (the source
+    value only when ``source`` names an argument to pass along, typically
+    ``self``) where every name is provably bound; elsewhere
+    ``record_locals(locals())`` is called.  Both are stored in the new code's
+    constants.  ``names`` must all be locals of ``code`` (see
+    ``missing_names``).  The result keeps the signature, names, flags, line
+    numbers and free variables of ``code``.
+
+    >>> def f(x):
+    ...     y = x + 1
+    ...     return y
+    >>> seen = []
+    >>> f.__code__ = rewrite(f.__code__, ('y',), seen.append, print)
+    >>> f(1), seen
+    (2, [2])
+    """
+    bc = Bytecode.from_code(code)
+    wanted = tuple(names) if source is None else (source,) + tuple(names)
+    bound = _bound_at_returns(bc, code, wanted)
+    cells = set(code.co_cellvars)
+    frees = set(code.co_freevars)
+
+    out = []
+    site = 0
+    for item in bc:
+        if isinstance(item, Instr) and item.name in _compat.RETURN_OPS:
+            if bound[site]:
+                loads = [[_load(n, cells, frees)] for n in wanted]
+                ops = _compat.call_ops(("LOAD_CONST", record), loads)
+            else:
+                get_locals = _compat.call_ops(("LOAD_CONST", locals), [])
+                ops = _compat.call_ops(("LOAD_CONST", record_locals), [get_locals])
+            ops.append(("POP_TOP", None))
+            out.extend(_instr(op, arg, item.location) for op, arg in ops)
+            site += 1
+        out.append(item)
+    bc.clear()
+    bc.extend(out)
+    return bc.to_code()
+
+
+def _instr(name, arg, location):
+    if arg is None:
+        return Instr(name, location=location)
+    return Instr(name, arg, location=location)
+
+
+def _load(name, cells, frees):
+    if name in cells:
+        return ("LOAD_DEREF", CellVar(name))
+    if name in frees:
+        return ("LOAD_DEREF", FreeVar(name))
+    return ("LOAD_FAST", name)
+
+
+def _arg_names(code):
+    n = code.co_argcount + code.co_kwonlyargcount
+    n += bool(code.co_flags & 0x04) + bool(code.co_flags & 0x08)  # *args, **kwargs
+    return set(code.co_varnames[:n])
+
+
+def _deleted_by_inner(code, name):
+    """True if a function nested in ``code`` may ``del`` the cell ``name``."""
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            if name in const.co_freevars and any(
+                    _compat.unbound_name(i.name, i.arg) == name
+                    for i in Bytecode.from_code(const) if isinstance(i, Instr)):
+                return True
+            if _deleted_by_inner(const, name):
+                return True
+    return False
+
+
+def _bound_at_returns(bc, code, names):
+    """For each return site in order: whether every name is proven bound there.
+
+    Forward "must be assigned" data flow over the instruction list.  Names
+    that some instruction can unbind (``del``, ``except ... as``, inlined
+    comprehensions), free variables (the enclosing scope may delete them) and
+    cells an inner function deletes are never proven.  Without those, a name
+    once bound stays bound, which makes exception edges simple: a handler is
+    entered with at most the names bound when its protected instruction began.
+    """
+    items = list(bc)
+    unbindable = {_compat.unbound_name(i.name, i.arg) for i in items if isinstance(i, Instr)}
+    tracked = [n for n in dict.fromkeys(names)
+               if n not in unbindable and n not in code.co_freevars
+               and not (n in code.co_cellvars and _deleted_by_inner(code, n))]
+    bit = {n: 1 << k for k, n in enumerate(tracked)}
+    need = sum(bit.values())
+    n_returns = sum(1 for i in items if isinstance(i, Instr) and i.name in _compat.RETURN_OPS)
+    if len(tracked) < len(set(names)):
+        return [False] * n_returns
+
+    args = _arg_names(code)
+    labels = {id(item): k for k, item in enumerate(items) if isinstance(item, Label)}
+    size = len(items)
+    gen = [0] * size
+    succ = [()] * size      # edges that carry the state after the item
+    exc_succ = [None] * size  # edge to the active handler: the state before it
+    handler = None
+    for k, item in enumerate(items):
+        nxt = (k + 1,) if k + 1 < size else ()
+        if isinstance(item, TryBegin):
+            handler = labels[id(item.target)]
+            succ[k] = nxt
+        elif isinstance(item, TryEnd):
+            handler = None
+            succ[k] = nxt
+        elif isinstance(item, Instr):
+            for n in _compat.stored_names(item.name, item.arg):
+                gen[k] |= bit.get(n, 0)
+            exc_succ[k] = handler
+            if item.has_jump():
+                target = labels[id(item.arg)]
+                succ[k] = (target,) if item.is_uncond_jump() else (target,) + nxt
+            elif item.is_final():
+                succ[k] = ()
+            else:
+                succ[k] = nxt
+        else:  # Label, SetLineno
+            succ[k] = nxt
+
+    state_in = [need] * size  # "everything bound" until a path says otherwise
+    state_in[0] = sum(bit[n] for n in tracked if n in args)
+    pending = [0]
+    queued = {0}
+    while pending:
+        k = pending.pop()
+        queued.discard(k)
+        after = state_in[k] | gen[k]
+        for target, state in [(t, after) for t in succ[k]] + (
+                [(exc_succ[k], state_in[k])] if exc_succ[k] is not None else []):
+            merged = state_in[target] & state
+            if merged != state_in[target]:
+                state_in[target] = merged
+                if target not in queued:
+                    queued.add(target)
+                    pending.append(target)
+    return [state_in[k] & need == need
+            for k, item in enumerate(items)
+            if isinstance(item, Instr) and item.name in _compat.RETURN_OPS]

@@ -342,7 +342,7 @@ def _function_of(obj, names):
         if isinstance(obj, type):
             raise VisualizerTypeError(
                 "get_local cannot decorate the class {}: decorate the method that "
-                "computes the variable, e.g. {}.forward".format(described, obj.__qualname__))
+                "computes the variable, e.g. {}.forward".format(obj.__qualname__, obj.__qualname__))
         if not isinstance(obj, types.FunctionType):
             wrapped = getattr(obj, "__wrapped__", None)
             if wrapped is not None:

@@ -14,7 +14,7 @@ import types
 import warnings
 import weakref
 
-from . import _rewrite
+from . import _resolve, _rewrite
 from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
 from ._values import to_numpy
 
@@ -192,6 +192,20 @@ class _State:
                     self.install(target, fn)
             return target
 
+    def unregister(self, function):
+        """Stop capturing from ``function`` and give it its original code back."""
+        with self.lock:
+            target = self.target_of(function.__code__)
+            if target is None:
+                return False
+            self.uninstall(target, function)
+            target.functions.discard(function)
+            if not len(target.functions):
+                del self.targets[id(target.code)]
+                for key in [k for k, (_, t) in self.by_rewritten.items() if t is target]:
+                    del self.by_rewritten[key]
+            return True
+
     def set_active(self, active):
         with self.lock:
             self.active = active
@@ -251,6 +265,61 @@ class GetLocal:
             return obj
 
         return decorator
+
+    # -- functions you cannot edit ------------------------------------------------
+
+    def watch(self, target, *names, source=None):
+        """Capture the locals ``names`` of the function at dotted path ``target``.
+
+        The same as decorating it with ``@get_local(*names)``, for code you do not
+        want to edit: ``target`` is a path such as
+        ``'timm.layers.attention.Attention.forward'`` (its module is imported if it
+        is not yet) or the function itself.  The function is changed in place, so
+        models and bound methods created before the call are captured too.
+        Watching the same target again captures once; extra names are added.
+        ``source`` names the argument passed to event handlers as the event source
+        (default: ``self``/``cls`` of a method, else none).  Returns the function.
+
+        >>> get_local.watch('timm.layers.attention.Attention.forward', 'attn')
+        """
+        names = _check_names(names)
+        obj = _resolve.resolve(target) if isinstance(target, str) else target
+        function, default_source = _function_of(obj, names)
+        if source is None:
+            source = default_source
+        elif source not in function.__code__.co_varnames[:_n_args(function.__code__)]:
+            raise VisualizerValueError(
+                "watch: source {!r} is not an argument of {}; its arguments are: {}".format(
+                    source, function.__qualname__,
+                    ", ".join(function.__code__.co_varnames[:_n_args(function.__code__)])))
+        self._state.register(function, names, source)
+        return function
+
+    def unwatch(self, target):
+        """Stop capturing from ``target`` and restore its original code object.
+
+        ``target`` is what was given to ``watch`` (or a decorated function).  The
+        captures made so far stay in the cache.
+
+        >>> get_local.unwatch('timm.layers.attention.Attention.forward')
+        """
+        obj = _resolve.resolve(target) if isinstance(target, str) else target
+        for function in _candidate_functions(obj):
+            if self._state.unregister(function):
+                return
+        raise VisualizerValueError(
+            "unwatch: {!r} is not being watched (watched: {})".format(
+                target, ", ".join(sorted(self.watched())) or "nothing"))
+
+    def watched(self):
+        """Return the qualnames of the functions under capture, with their names.
+
+        >>> get_local.watched()
+        {'Attention.forward': ('attn',)}
+        """
+        with self._state.lock:
+            return {t.qualname: t.names for t in self._state.targets.values()
+                    if len(t.functions)}
 
     # -- the switch -----------------------------------------------------------
 
@@ -367,6 +436,25 @@ def _function_of(obj, names):
             raise _missing_error(outer, obj, missing)
         obj = wrapped
     return obj, _source_argument(obj) if source_allowed else None
+
+
+def _n_args(code):
+    return (code.co_argcount + code.co_kwonlyargcount
+            + bool(code.co_flags & 0x04) + bool(code.co_flags & 0x08))
+
+
+def _candidate_functions(obj):
+    """The plain functions ``obj`` may stand for, outermost first."""
+    seen = []
+    for attr in ("__func__", "fget"):
+        inner = getattr(obj, attr, None)
+        if inner is not None:
+            obj = inner
+    while obj is not None and len(seen) < 100:
+        if isinstance(obj, types.FunctionType):
+            seen.append(obj)
+        obj = getattr(obj, "__wrapped__", None)
+    return seen
 
 
 def _source_argument(function):

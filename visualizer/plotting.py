@@ -40,7 +40,7 @@ Conventions a reader needs to know:
 import math
 import os
 import warnings
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -421,11 +421,12 @@ def _resize(image, width, height, interpolation):
         return image.resize((width, height), resample)
     # Float arrays are resized channel by channel in Pillow's 32-bit float mode
     # so no precision is lost to a uint8 round trip.
-    channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32)).resize((width, height), resample))
-        for c in range(image.shape[2])
-    ]
-    return np.stack(channels, axis=2)
+    channels = []
+    for c in range(image.shape[2]):
+        plane = Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32))
+        channels.append(np.asarray(plane.resize((width, height), resample)))
+    # bicubic and lanczos overshoot a little at edges; keep [0, 1] as promised
+    return np.clip(np.stack(channels, axis=2), 0.0, 1.0)
 
 
 def _size_of(image):
@@ -535,8 +536,8 @@ def model_input_image(
 
     if crop_pct is None:
         crop_pct = DEFAULT_CROP_PCT
-    if not 0 < crop_pct <= 1.0 + 1e-9 and crop_mode == "center":
-        raise VisualizerValueError("expected crop_pct in (0, 1], got {!r}".format(crop_pct))
+    if not crop_pct > 0:
+        raise VisualizerValueError("expected crop_pct > 0 (0.875 keeps the centre 87.5%), got {!r}".format(crop_pct))
     scale_h, scale_w = math.floor(crop_h / crop_pct), math.floor(crop_w / crop_pct)
     fill = 0.0
     if crop_mode == "squash":
@@ -754,8 +755,10 @@ def plot_highlighted_patches(
         x0, y0, w, h = _patch_box(r, c, (rows, cols), img.shape)
         ax.add_patch(Rectangle((x0, y0), w, h, fill=False, edgecolor=color, linewidth=linewidth))
         if labels:
+            # a pale box behind the number keeps it readable on any photo
             ax.text(x0 + w / 2, y0 + h / 2, str(r * cols + c), color=color,
-                    ha="center", va="center", fontsize=8)
+                    ha="center", va="center", fontsize=7,
+                    bbox=dict(facecolor="white", alpha=0.75, edgecolor="none", pad=1.0))
     ax.set_xticks([])
     ax.set_yticks([])
     if title is not None:

@@ -9,88 +9,58 @@ function's ``__code__`` and "removed" by assigning the original back, so the
 function object (and every reference to it, bound methods included) stays
 the same and, while capture is off, runs exactly the code it was born with.
 """
+import contextlib
 import threading
 import types
 import warnings
 import weakref
 
-from . import _resolve, _rewrite
+from . import _resolve, _rewrite, _store
 from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
-from ._values import to_numpy
-
-
-class _Probe:
-    """What one rewritten code object calls when it returns.
-
-    The rewritten code holds the bound methods ``record`` and
-    ``record_locals`` as constants; they hand the values to the shared state.
-    """
-
-    __slots__ = ("state", "target", "__weakref__")
-
-    def __init__(self, state, target):
-        self.state = state
-        self.target = target
-
-    def record(self, *values):
-        """Called with ``(source, *values)`` or ``values`` where all are bound."""
-        target = self.target
-        try:
-            if target.source is None:
-                self.state.capture(target, None, values)
-            else:
-                self.state.capture(target, values[0], values[1:])
-        except Exception as exc:  # never let a capture break the user's function
-            self.state.capture_failed(target, exc)
-
-    def record_locals(self, frame_locals):
-        """Called with ``locals()`` where some name may be unbound."""
-        target = self.target
-        try:
-            missing = [n for n in target.names if n not in frame_locals]
-            if missing:
-                target.warn_unbound(missing)
-                return
-            source = None if target.source is None else frame_locals.get(target.source)
-            self.state.capture(target, source, [frame_locals[n] for n in target.names])
-        except Exception as exc:
-            self.state.capture_failed(target, exc)
+from .events import Event, EventDispatcher
 
 
 class _Target:
     """One original code object under capture, and the functions that run it."""
 
     def __init__(self, state, code, qualname, names, source):
+        self.state = state
         self.code = code
         self.qualname = qualname
         self.names = tuple(names)
+        self.keys = _keys(qualname, self.names)
         self.source = source
-        self.probe = _Probe(state, self)
         self.rewritten = None
         self.functions = weakref.WeakSet()
         self.warned = set()
-
-    @property
-    def keys(self):
-        """Cache keys, one per name: the qualname alone when there is one name."""
-        if len(self.names) == 1:
-            return (self.qualname,)
-        return tuple("{}.{}".format(self.qualname, n) for n in self.names)
 
     def add_names(self, names):
         """Capture ``names`` as well; the code is rewritten again on next install."""
         merged = tuple(dict.fromkeys(self.names + tuple(names)))
         if merged != self.names:
             self.names = merged
+            self.keys = _keys(self.qualname, merged)
             self.rewritten = None
-        return merged
 
     def rewritten_code(self):
         if self.rewritten is None:
             self.rewritten = _rewrite.rewrite(
-                self.code, self.names, self.probe.record, self.probe.record_locals,
+                self.code, self.names, _make_record(self.state, self), self.record_locals,
                 source=self.source)
         return self.rewritten
+
+    def record_locals(self, frame_locals):
+        """Called with ``locals()`` at returns where some name may be unbound."""
+        try:
+            missing = [n for n in self.names if n not in frame_locals]
+            if missing:
+                if self.state.active:
+                    self.warn_unbound(missing)
+                return
+            source = None if self.source is None else frame_locals.get(self.source)
+            self.state.capture(self, source, [frame_locals[n] for n in self.names])
+        except Exception as exc:  # never let a capture break the user's function
+            self.state.capture_failed(self, exc)
 
     def warn_unbound(self, missing):
         new = [n for n in missing if n not in self.warned]
@@ -109,29 +79,106 @@ class _Target:
             CaptureWarning, stacklevel=3)
 
 
+def _keys(qualname, names):
+    """Cache keys, one per name: the qualname alone when there is one name."""
+    if len(names) == 1:
+        return (qualname,)
+    return tuple("{}.{}".format(qualname, n) for n in names)
+
+
+def _make_record(state, target):
+    """Build the function a rewritten code object calls where all names are bound.
+
+    The rewritten code passes ``(source, *values)`` or ``values``.  With one
+    name, the common case, a specialised function takes the shortest path when
+    the state is ``fast`` (active, default storage, no event handlers): skip the
+    conversion for types known not to be tensors, append.  Anything else goes
+    through ``_State.capture``.  Nothing here may raise into the user's code.
+    """
+    plain = _store.plain_types
+    convert = _store.to_numpy
+    failed = state.capture_failed
+    if len(target.names) == 1:
+        key = target.keys[0]
+        if target.source is None:
+            def record(value):
+                try:
+                    if state.fast:
+                        if type(value) not in plain:
+                            value = convert(value)
+                        state.cache.add(key, value)
+                    else:
+                        state.capture(target, None, (value,))
+                except Exception as exc:
+                    failed(target, exc)
+        else:
+            source_ref = _store.source_ref
+
+            def record(source, value):
+                try:
+                    if state.fast:
+                        if type(value) not in plain:
+                            value = convert(value)
+                        state.cache.add(key, value, source_ref(source))
+                    else:
+                        state.capture(target, source, (value,))
+                except Exception as exc:
+                    failed(target, exc)
+        return record
+
+    if target.source is None:
+        def record(*values):
+            try:
+                state.capture(target, None, values)
+            except Exception as exc:
+                failed(target, exc)
+    else:
+        def record(source, *values):
+            try:
+                state.capture(target, source, values)
+            except Exception as exc:
+                failed(target, exc)
+    return record
+
+
 class _State:
-    """Everything that changes at run time, shared by all probes."""
+    """Everything that changes at run time, shared by all recorders."""
 
     def __init__(self):
         self.active = False
-        self.cache = {}
+        self.fast = False
+        self.cache = _store.Cache()
+        self.storage = _store.Storage()
+        self.events = EventDispatcher(on_change=self.refresh)
         self.lock = threading.RLock()
         self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
         self.by_rewritten = {}  # id(rewritten code) -> (rewritten code, _Target)
-        self.convert = to_numpy
         self.failed = set()
 
+    def refresh(self):
+        """Recompute ``fast``: can recorders skip events, transforms and bounds?"""
+        self.fast = self.active and self.storage.is_default and not len(self.events)
+
     def capture(self, target, source, values):
+        """Dispatch events for one call's values, then store them."""
         if not self.active:
             return
+        keys = target.keys
+        if len(self.events):
+            for key, name, value in zip(keys, target.names, values):
+                self.events.dispatch(Event(key, target.qualname, name, value, source))
+        storage = self.storage
+        if storage.kind == "none":
+            return
+        # Prepare every value before storing any, so a failing transform
+        # leaves the lists of a multi-name capture aligned.
+        prepared = [storage.prepare(key, value) for key, value in zip(keys, values)]
         cache = self.cache
-        convert = self.convert
-        for key, value in zip(target.keys, values):
-            stored = convert(value)
-            try:
-                cache[key].append(stored)
-            except KeyError:
-                cache.setdefault(key, []).append(stored)
+        ref = _store.source_ref(source) if target.source is not None else _store._NO_SOURCE
+        for key, value in zip(keys, prepared):
+            cache.add(key, value, ref)
+            if storage.keep_last is not None:
+                cache.trim(key, storage.keep_last)
 
     def capture_failed(self, target, exc):
         if target.qualname in self.failed:
@@ -209,6 +256,7 @@ class _State:
     def set_active(self, active):
         with self.lock:
             self.active = active
+            self.refresh()
             for target in list(self.targets.values()):
                 for fn in list(target.functions):
                     if active:
@@ -360,12 +408,155 @@ class GetLocal:
 
         >>> get_local.clear()
         """
-        for values in list(self._state.cache.values()):
-            values.clear()
+        self._state.cache.clear_values()
+
+    # -- events and storage ------------------------------------------------------
+
+    @property
+    def events(self):
+        """The ``EventDispatcher`` every capture goes through (see ``visualizer.events``).
+
+        >>> get_local.events.listen(variable_is('attn'), lambda event: print(event.key))
+        """
+        return self._state.events
+
+    def configure(self, store="numpy", transform=None, keep_last=None):
+        """Choose how captures are stored from now on; return the previous settings.
+
+        ``store``: ``'numpy'`` (default: torch tensors become detached CPU
+        NumPy copies, float16/bfloat16 as float32), ``'tensor'`` (detached
+        copies on their own device: no transfer, no synchronisation),
+        ``'graph'`` (the tensors themselves, attached to the autograd graph) or
+        ``'none'`` (keep nothing; event handlers still run).  ``transform``: a
+        callable applied to each raw value before it is stored, or a dict from
+        cache key to such a callable.  ``keep_last``: keep only the last N
+        values of each key.
+
+        >>> get_local.configure(transform=lambda attn: attn[:, :, 0], keep_last=12)
+        {'store': 'numpy', 'transform': None, 'keep_last': None}
+        """
+        storage = _store.Storage(store, transform, keep_last)
+        with self._state.lock:
+            previous = self._state.storage
+            self._state.storage = storage
+            self._state.refresh()
+        return previous.as_dict()
+
+    @contextlib.contextmanager
+    def capture(self, store="numpy", transform=None, keep_last=None):
+        """Capture into a fresh cache for the duration of a ``with`` block.
+
+        Activates capture and applies the storage settings (as in
+        ``configure``) inside the block, then restores the previous state,
+        settings and cache, even if the block raises.  The yielded cache holds
+        exactly the captures made inside the block and stays valid afterwards.
+
+        >>> with get_local.capture(transform=lambda attn: attn.mean(1)) as cache:
+        ...     model(x)
+        >>> cache['Attention.forward']
+        """
+        storage = _store.Storage(store, transform, keep_last)
+        state = self._state
+        with state.lock:
+            saved = (state.active, state.cache, state.storage)
+            scoped = state.cache = _store.Cache()
+            state.storage = storage
+            state.set_active(True)
+        try:
+            yield scoped
+        finally:
+            with state.lock:
+                active, state.cache, state.storage = saved
+                state.set_active(active)
+
+    def by_module(self, model, cache=None):
+        """Regroup captures from the methods of ``model``'s modules by module name.
+
+        Returns ``{'blocks.3.attn': [values of its calls], ...}`` for the
+        captures in ``cache`` (default: ``get_local.cache``) whose ``self`` is a
+        submodule of ``model``, names as in ``model.named_modules()`` (the model
+        itself is ``''``).  With several names captured from one function, the
+        keys are ``'blocks.3.attn.q'`` and so on; when a module has several
+        captured functions, the function name is added: ``'blocks.3.attn.forward'``.
+
+        >>> get_local.by_module(model)['blocks.0.attn'][0].shape
+        (1, 6, 197, 197)
+        """
+        cache = self._state.cache if cache is None else cache
+        named = getattr(model, "named_modules", None)
+        if named is None:
+            raise VisualizerTypeError(
+                "by_module needs a torch.nn.Module (something with named_modules()), got {}"
+                .format(type(model).__name__))
+        sources = getattr(cache, "sources", None)
+        if sources is None:
+            raise VisualizerTypeError(
+                "by_module needs a cache made by get_local (get_local.cache or the one "
+                "get_local.capture() gives); a loaded or copied dict has no module record")
+        names = {id(module): name for name, module in named()}
+        modules = {id(module): module for _, module in named()}
+        found = {}  # (module name, key) -> values
+        for key, refs in sources.items():
+            values = cache.get(key, [])
+            if len(refs) != len(values):
+                raise VisualizerValueError(
+                    "by_module: the list of {!r} was changed by hand ({} values for {} "
+                    "recorded calls); clear() and capture again".format(
+                        key, len(values), len(refs)))
+            for ref, value in zip(refs, values):
+                module = ref() if ref is not None else None
+                if module is not None and modules.get(id(module)) is module:
+                    found.setdefault((names[id(module)], key), []).append(value)
+        return _name_by_module(found, self._state)
+
+    # -- files ---------------------------------------------------------------------
+
+    def save(self, path, cache=None):
+        """Save ``cache`` (default: ``get_local.cache``) to one ``.npz`` file, without pickle.
+
+        Keys and the order of values are kept.  Values must be NumPy arrays or
+        numbers (the default storage makes tensors into arrays).
+
+        >>> get_local.save('attention.npz')
+        """
+        from ._files import save_cache
+
+        save_cache(self._state.cache if cache is None else cache, path)
+
+    def load(self, path):
+        """Load a file written by ``save`` and return its cache (a dict of lists).
+
+        >>> cache = get_local.load('attention.npz')
+        """
+        from ._files import load_cache
+
+        return load_cache(path)
 
     def __repr__(self):
         state = "active" if self.active else "inactive"
         return "<get_local {}: {} keys>".format(state, len(self.cache))
+
+
+def _name_by_module(found, state):
+    """Turn ``{(module name, key): values}`` into by_module's names (see there)."""
+    key_info = {}
+    for target in list(state.targets.values()):
+        for key, name in zip(target.keys, target.names):
+            key_info[key] = (target.qualname.rsplit(".", 1)[-1], name, len(target.names) > 1)
+    per_module = {}
+    for module_name, key in found:
+        per_module.setdefault(module_name, set()).add(
+            key_info.get(key, (key, None, False))[0])
+    out = {}
+    for (module_name, key), values in found.items():
+        function, name, several = key_info.get(key, (key, None, False))
+        parts = [module_name] if module_name else []
+        if len(per_module[module_name]) > 1:
+            parts.append(function)
+        if several:
+            parts.append(name)
+        out[".".join(parts)] = values
+    return out
 
 
 def _check_names(names):

@@ -1,0 +1,184 @@
+"""How captured values are kept: conversion, transform and a bound per key.
+
+The default keeps a torch tensor as a detached NumPy copy on the CPU (float16
+and bfloat16 as float32, since NumPy has no bfloat16) and any other value as
+it is.  Other kinds of storage, chosen with ``get_local.configure`` or
+``get_local.capture``:
+
+* ``'tensor'``: a detached copy on the tensor's own device; no transfer, so
+  no device synchronisation during the forward pass;
+* ``'graph'``: the tensor itself, still attached to the autograd graph (for
+  gradient-weighted attention rollout);
+* ``'none'``: nothing is stored; event handlers still see every capture.
+
+A ``transform`` runs on the raw value before it is stored (head mean, CLS row,
+float16...), and ``keep_last=N`` keeps only the last N values of each key.
+
+Torch is never imported here: a type counts as a tensor only if ``torch`` is
+already in ``sys.modules`` and the type subclasses ``torch.Tensor``.  The
+answer is remembered per type, so the common case costs one lookup.
+"""
+import sys
+import weakref
+
+from ._errors import VisualizerTypeError, VisualizerValueError
+
+KINDS = ("numpy", "tensor", "graph", "none")
+
+_NO_SOURCE = object()
+
+# Types known not to be tensors; the fast path of the recorder looks here first.
+plain_types = set()
+_tensor_types = set()
+
+
+def is_tensor(value):
+    """Return True if ``value`` is a torch tensor (without importing torch)."""
+    tp = type(value)
+    if tp in plain_types:
+        return False
+    if tp in _tensor_types:
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(tp, type) and issubclass(tp, torch.Tensor):
+        _tensor_types.add(tp)
+        return True
+    plain_types.add(tp)
+    return False
+
+
+def tensor_to_numpy(tensor):
+    """Return a detached CPU NumPy copy of ``tensor``; half precisions become float32."""
+    import torch  # only reached with a tensor in hand, so torch is imported already
+
+    t = tensor.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    # .numpy() shares memory with a CPU tensor that the model may still change
+    # in place after returning, so keep a copy nothing else can write to.
+    if t.device.type == "cpu":
+        return t.numpy().copy()
+    return t.cpu().numpy()
+
+
+def to_numpy(value):
+    """Return what the default storage keeps for ``value``."""
+    if is_tensor(value):
+        return tensor_to_numpy(value)
+    return value
+
+
+def _detached_copy(value):
+    if is_tensor(value):
+        return value.detach().clone()
+    return value
+
+
+def _as_is(value):
+    return value
+
+
+_CONVERTERS = {"numpy": to_numpy, "tensor": _detached_copy, "graph": _as_is, "none": None}
+
+
+class Storage:
+    """One storage configuration: kind, transform and bound (immutable)."""
+
+    __slots__ = ("kind", "transform", "keep_last", "convert")
+
+    def __init__(self, kind="numpy", transform=None, keep_last=None):
+        if kind not in KINDS:
+            raise VisualizerValueError(
+                "store must be one of {}, got {!r}".format(", ".join(map(repr, KINDS)), kind))
+        if transform is not None and not callable(transform) and not isinstance(transform, dict):
+            raise VisualizerTypeError(
+                "transform must be a callable taking the captured value, or a dict from "
+                "cache key to such a callable; got {} {!r}".format(
+                    type(transform).__name__, transform))
+        if isinstance(transform, dict):
+            for key, fn in transform.items():
+                if not callable(fn):
+                    raise VisualizerTypeError(
+                        "transform[{!r}] must be callable, got {!r}".format(key, fn))
+        if keep_last is not None and (
+                isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+            raise VisualizerValueError(
+                "keep_last must be a positive integer or None, got {!r}".format(keep_last))
+        self.kind = kind
+        self.transform = transform
+        self.keep_last = keep_last
+        self.convert = _CONVERTERS[kind]
+
+    @property
+    def is_default(self):
+        """True for plain NumPy storage with no transform and no bound."""
+        return self.kind == "numpy" and self.transform is None and self.keep_last is None
+
+    def prepare(self, key, value):
+        """Return the value to store for ``key`` (transform, then convert)."""
+        transform = self.transform
+        if transform is not None:
+            if isinstance(transform, dict):
+                fn = transform.get(key)
+                if fn is not None:
+                    value = fn(value)
+            else:
+                value = transform(value)
+        return self.convert(value)
+
+    def as_dict(self):
+        return {"store": self.kind, "transform": self.transform, "keep_last": self.keep_last}
+
+    def __repr__(self):
+        return "Storage(store={!r}, transform={!r}, keep_last={!r})".format(
+            self.kind, self.transform, self.keep_last)
+
+
+def source_ref(source):
+    """A weak reference to ``source``, or None if it cannot have one."""
+    try:
+        return weakref.ref(source)
+    except TypeError:
+        return None
+
+
+class Cache(dict):
+    """The captures: ``{key: [value of call 1, value of call 2, ...]}``.
+
+    A plain dict to read and write, plus ``sources``: for keys captured from
+    methods, a list parallel to each value list holding a weak reference to the
+    ``self`` of each call (or None), which ``get_local.by_module`` uses to name
+    the module that produced each value.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sources = {}
+
+    def add(self, key, value, source_ref=_NO_SOURCE):
+        """Append ``value`` under ``key`` (and its source, when there is one)."""
+        try:
+            self[key].append(value)
+        except KeyError:
+            self.setdefault(key, []).append(value)
+        if source_ref is not _NO_SOURCE:
+            try:
+                self.sources[key].append(source_ref)
+            except KeyError:
+                self.sources.setdefault(key, []).append(source_ref)
+
+    def trim(self, key, keep_last):
+        """Keep only the last ``keep_last`` values of ``key``."""
+        values = self.get(key)
+        if values is not None and len(values) > keep_last:
+            del values[:len(values) - keep_last]
+            refs = self.sources.get(key)
+            if refs is not None and len(refs) > keep_last:
+                del refs[:len(refs) - keep_last]
+
+    def clear_values(self):
+        """Empty every list, keeping the keys."""
+        for values in list(self.values()):
+            values.clear()
+        for refs in list(self.sources.values()):
+            refs.clear()

@@ -503,3 +503,24 @@ def test_core_imports_neither_torch_nor_numpy():
 def _repo_root():
     import os
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_key_deleted_by_the_user_comes_back(gl):
+    class A:
+        @gl("y")
+        def method(self, x):
+            y = x
+            return y
+
+    @gl("z")
+    def f(x):
+        z = x
+        return z
+
+    f(1)
+    A().method(1)
+    del gl.cache[f.__qualname__]
+    del gl.cache[A.method.__qualname__]
+    f(2)
+    A().method(2)
+    assert gl.cache == {f.__qualname__: [2], A.method.__qualname__: [2]}

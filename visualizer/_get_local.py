@@ -97,6 +97,7 @@ def _make_record(state, target):
     """
     plain = _store.plain_types
     convert = _store.to_numpy
+    weak = weakref.ref
     failed = state.capture_failed
     if len(target.names) == 1:
         key = target.keys[0]
@@ -106,20 +107,34 @@ def _make_record(state, target):
                     if state.fast:
                         if type(value) not in plain:
                             value = convert(value)
-                        state.cache.add(key, value)
+                        cache = state.cache
+                        try:
+                            cache[key].append(value)
+                        except KeyError:  # a new key, or one the user deleted
+                            cache.add(key, value)
                     else:
                         state.capture(target, None, (value,))
                 except Exception as exc:
                     failed(target, exc)
         else:
-            source_ref = _store.source_ref
-
             def record(source, value):
                 try:
                     if state.fast:
                         if type(value) not in plain:
                             value = convert(value)
-                        state.cache.add(key, value, source_ref(source))
+                        cache = state.cache
+                        try:
+                            ref = weak(source)
+                        except TypeError:
+                            ref = None
+                        try:
+                            cache[key].append(value)
+                        except KeyError:
+                            cache.add(key, value)
+                        try:
+                            cache.sources[key].append(ref)
+                        except KeyError:
+                            cache.sources.setdefault(key, []).append(ref)
                     else:
                         state.capture(target, source, (value,))
                 except Exception as exc:

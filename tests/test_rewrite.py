@@ -420,3 +420,40 @@ def test_missing_names_suggests_a_near_miss():
 ])
 def test_unsupported_kinds(source, kind):
     assert _rewrite.unsupported_kind(make(source).__code__) == kind
+
+
+def test_attribute_overrides_read_a_constant():
+    fn = make("""
+        def f(self):
+            if self.fused_attn:
+                return 'fused'
+            impl = self.config.impl
+            return impl
+        """)
+
+    class Config:
+        impl = "sdpa"
+
+    class Module:
+        fused_attn = True
+        config = Config()
+
+    code = _rewrite.rewrite(fn.__code__, (), print, print,
+                            overrides={"fused_attn": False, "impl": "eager"})
+    copy = types.FunctionType(code, fn.__globals__)
+    assert fn(Module()) == "fused"
+    assert copy(Module()) == "eager"
+    assert _rewrite.loaded_attributes(fn.__code__) == {"fused_attn", "config", "impl"}
+
+
+def test_overrides_leave_method_calls_alone():
+    fn = make("""
+        def f(items):
+            items.append(1)
+            return items.append
+        """)
+    code = _rewrite.rewrite(fn.__code__, (), print, print, overrides={"append": None})
+    copy = types.FunctionType(code, fn.__globals__)
+    items = []
+    assert copy(items) is None
+    assert items == [1]

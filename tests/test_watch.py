@@ -174,3 +174,45 @@ def test_source_must_be_an_argument(gl, package):
     with pytest.raises(ValueError, match="source 'attn' is not an argument of attention_forward"):
         gl.watch(package + ".model.attention_forward", "attn_weights", source="attn")
     gl.watch(package + ".model.attention_forward", "attn_weights", source="module")
+
+
+OVERRIDE_SOURCE = '''
+class Attention:
+    def __init__(self):
+        self.fused_attn = True
+
+    def forward(self, x):
+        if self.fused_attn:
+            out = x
+        else:
+            attn = x * 2
+            out = attn
+        return out
+'''
+
+
+def test_overrides_apply_only_while_capturing(gl, tmp_path, monkeypatch):
+    (tmp_path / "override_mod_xyz.py").write_text(textwrap.dedent(OVERRIDE_SOURCE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("override_mod_xyz")
+    try:
+        existing = module.Attention()
+        gl.watch("override_mod_xyz.Attention.forward", "attn", overrides={"fused_attn": False})
+        assert existing.forward(1) == 2
+        assert gl.cache == {"Attention.forward": [2]}
+        gl.deactivate()
+        assert existing.forward(1) == 1  # fused again when capture stops
+        gl.activate()
+        assert existing.forward(3) == 6
+        gl.unwatch("override_mod_xyz.Attention.forward")
+        assert existing.forward(1) == 1
+        assert existing.fused_attn is True  # the instance was never touched
+        with pytest.raises(ValueError, match="never reads the attribute 'fused'"):
+            gl.watch("override_mod_xyz.Attention.forward", "attn", overrides={"fused": False})
+        with pytest.raises(TypeError, match="overrides must be a dict"):
+            gl.watch("override_mod_xyz.Attention.forward", "attn", overrides=[("a", 1)])
+        gl.watch("override_mod_xyz.Attention.forward", overrides={"fused_attn": False})
+        assert existing.forward(5) == 10
+        assert gl.cache == {"Attention.forward": [2, 6]}
+    finally:
+        del sys.modules["override_mod_xyz"]

@@ -52,6 +52,20 @@ def call_ops(callable_op, args):
     return [callable_op] + list(arg_ops) + [("CALL_FUNCTION", n)]
 
 
+def loaded_attribute(name, arg):
+    """Return the attribute a plain ``obj.attr`` load reads, or None.
+
+    Method loads (``LOAD_METHOD`` before 3.12, ``LOAD_ATTR`` with its low bit
+    set from 3.12, which bytecode shows as ``(True, name)``) are not plain.
+    """
+    if name != "LOAD_ATTR":
+        return None
+    if PY312:
+        is_method, attr = arg
+        return None if is_method else attr
+    return arg
+
+
 def stored_names(name, arg):
     """Return the local names an instruction binds (empty for most)."""
     if name in STORE_OPS:

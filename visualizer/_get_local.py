@@ -30,6 +30,7 @@ class _Target:
         self.names = tuple(names)
         self.keys = _keys(qualname, self.names)
         self.source = source
+        self.overrides = {}
         self.rewritten = None
         self.functions = weakref.WeakSet()
         self.warned = set()
@@ -42,11 +43,18 @@ class _Target:
             self.keys = _keys(self.qualname, merged)
             self.rewritten = None
 
+    def add_overrides(self, overrides):
+        """Read these attributes as constants while installed (see ``_rewrite.rewrite``)."""
+        if overrides and any(self.overrides.get(k, _MISSING) is not v
+                             for k, v in overrides.items()):
+            self.overrides.update(overrides)
+            self.rewritten = None
+
     def rewritten_code(self):
         if self.rewritten is None:
             self.rewritten = _rewrite.rewrite(
                 self.code, self.names, _make_record(self.state, self), self.record_locals,
-                source=self.source)
+                source=self.source, overrides=self.overrides)
         return self.rewritten
 
     def record_locals(self, frame_locals):
@@ -77,6 +85,9 @@ class _Target:
             "path.".format(names=names, verb="was" if len(new) == 1 else "were",
                           fn=self.qualname),
             CaptureWarning, stacklevel=3)
+
+
+_MISSING = object()
 
 
 def _keys(qualname, names):
@@ -234,7 +245,7 @@ class _State:
         if code is not target.code and self.target_of(code) is target:
             function.__code__ = target.code
 
-    def register(self, function, names, source):
+    def register(self, function, names, source, overrides=None):
         """Put ``function`` under capture of ``names``; install now if active."""
         with self.lock:
             code = function.__code__
@@ -248,6 +259,7 @@ class _State:
                 for key in old_keys:
                     if key not in target.keys and not self.cache.get(key, True):
                         del self.cache[key]
+            target.add_overrides(overrides)
             target.functions.add(function)
             if self.active:
                 for fn in list(target.functions):
@@ -331,7 +343,7 @@ class GetLocal:
 
     # -- functions you cannot edit ------------------------------------------------
 
-    def watch(self, target, *names, source=None):
+    def watch(self, target, *names, source=None, overrides=None):
         """Capture the locals ``names`` of the function at dotted path ``target``.
 
         The same as decorating it with ``@get_local(*names)``, for code you do not
@@ -341,13 +353,29 @@ class GetLocal:
         models and bound methods created before the call are captured too.
         Watching the same target again captures once; extra names are added.
         ``source`` names the argument passed to event handlers as the event source
-        (default: ``self``/``cls`` of a method, else none).  Returns the function.
+        (default: ``self``/``cls`` of a method, else none).  ``overrides`` maps
+        attribute names to constants that every ``x.attr`` read in the function
+        sees instead while capture is on, e.g. ``{'fused_attn': False}`` to take
+        a module's eager path; with overrides, ``names`` may be empty.  Returns
+        the function.
 
         >>> get_local.watch('timm.layers.attention.Attention.forward', 'attn')
         """
-        names = _check_names(names)
+        if overrides is not None and not isinstance(overrides, dict):
+            raise VisualizerTypeError(
+                "overrides must be a dict from attribute name to value, got {!r}".format(
+                    overrides))
+        names = _check_names(names) if names or not overrides else ()
         obj = _resolve.resolve(target) if isinstance(target, str) else target
         function, default_source = _function_of(obj, names)
+        if overrides:
+            read = _rewrite.loaded_attributes(function.__code__)
+            unread = sorted(set(overrides) - read)
+            if unread:
+                raise VisualizerValueError(
+                    "watch: {} never reads the attribute{} {} (it reads: {})".format(
+                        function.__qualname__, "s" if len(unread) > 1 else "",
+                        ", ".join(repr(a) for a in unread), ", ".join(sorted(read))))
         if source is None:
             source = default_source
         elif source not in function.__code__.co_varnames[:_n_args(function.__code__)]:
@@ -355,7 +383,7 @@ class GetLocal:
                 "watch: source {!r} is not an argument of {}; its arguments are: {}".format(
                     source, function.__qualname__,
                     ", ".join(function.__code__.co_varnames[:_n_args(function.__code__)])))
-        self._state.register(function, names, source)
+        self._state.register(function, names, source, overrides)
         return function
 
     def unwatch(self, target):

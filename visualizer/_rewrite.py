@@ -59,6 +59,13 @@ def unsupported_kind(code):
     return None
 
 
+def loaded_attributes(code):
+    """Return the attribute names ``code`` reads with plain ``x.attr`` loads."""
+    return {attr for attr in (_compat.loaded_attribute(i.name, i.arg)
+                              for i in Bytecode.from_code(code) if isinstance(i, Instr))
+            if attr is not None}
+
+
 def missing_names(code, names):
     """Return ``(name, suggestion)`` for each name that is not a local of ``code``."""
     available = local_names(code)
@@ -70,7 +77,7 @@ def missing_names(code, names):
     return out
 
 
-def rewrite(code, names, record, record_locals, source=None):
+def rewrite(code, names, record, record_locals, source=None, overrides=None):
     """Return a copy of ``code`` that reports ``names`` at every return.
 
     ``record`` is called as ``record(source_value, *values)`` (the source
@@ -80,6 +87,11 @@ def rewrite(code, names, record, record_locals, source=None):
     constants.  ``names`` must all be locals of ``code`` (see
     ``missing_names``).  The result keeps the signature, names, flags, line
     numbers and free variables of ``code``.
+
+    ``overrides`` maps attribute names to constants: every plain ``x.attr``
+    load of such an attribute reads the constant instead (``x`` is still
+    evaluated).  Presets use it to take the eager path while capturing, e.g.
+    ``{'fused_attn': False}``.  With no ``names``, only the overrides apply.
 
     >>> def f(x):
     ...     y = x + 1
@@ -95,10 +107,17 @@ def rewrite(code, names, record, record_locals, source=None):
     cells = set(code.co_cellvars)
     frees = set(code.co_freevars)
 
+    overrides = overrides or {}
     out = []
     site = 0
     for item in bc:
-        if isinstance(item, Instr) and item.name in _compat.RETURN_OPS:
+        if isinstance(item, Instr) and overrides:
+            attr = _compat.loaded_attribute(item.name, item.arg)
+            if attr in overrides:
+                out.append(Instr("POP_TOP", location=item.location))
+                out.append(Instr("LOAD_CONST", overrides[attr], location=item.location))
+                continue
+        if isinstance(item, Instr) and item.name in _compat.RETURN_OPS and names:
             if bound[site]:
                 loads = [[_load(n, cells, frees)] for n in wanted]
                 ops = _compat.call_ops(("LOAD_CONST", record), loads)

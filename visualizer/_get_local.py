@@ -15,7 +15,7 @@ import types
 import warnings
 import weakref
 
-from . import _resolve, _rewrite, _store
+from . import _dynamo, _imports, _resolve, _rewrite, _store
 from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
 from .events import Event, EventDispatcher
 
@@ -181,6 +181,7 @@ class _State:
         self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
         self.by_rewritten = {}  # id(rewritten code) -> (rewritten code, _Target)
         self.switches = []      # (on, off): run when capture starts and stops
+        self.dynamo_hook = False
         self.failed = set()
 
     def refresh(self):
@@ -234,6 +235,10 @@ class _State:
             new = target.rewritten_code()
             self.by_rewritten[id(new)] = (new, target)
             function.__code__ = new
+            if not _dynamo.mark(function, new) and not self.dynamo_hook:
+                # Mark later, if torch.compile turns up while we are installed.
+                self.dynamo_hook = True
+                _imports.when_imported("torch._dynamo.eval_frame", self.mark_installed)
             for key in target.keys:
                 self.cache.setdefault(key, [])
         else:
@@ -242,10 +247,21 @@ class _State:
                 "(something else replaced its __code__), so it is not captured."
                 .format(target.qualname), CaptureWarning, stacklevel=3)
 
+    def mark_installed(self, module=None):
+        """Mark every installed rewritten code for torch.compile (see ``_dynamo``)."""
+        with self.lock:
+            self.dynamo_hook = False
+            for target in list(self.targets.values()):
+                for function in list(target.functions):
+                    if self.target_of(function.__code__) is target and \
+                            function.__code__ is not target.code:
+                        _dynamo.mark(function, function.__code__)
+
     def uninstall(self, target, function):
         code = function.__code__
         if code is not target.code and self.target_of(code) is target:
             function.__code__ = target.code
+            _dynamo.unmark(function)
 
     def register(self, function, names, source, overrides=None):
         """Put ``function`` under capture of ``names``; install now if active."""

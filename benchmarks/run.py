@@ -1,0 +1,183 @@
+"""Run every benchmark side by side and print the tables of BENCHMARKS.md.
+
+    python -m benchmarks            # full sizes, about 15 minutes on 2 cores
+    python -m benchmarks --quick    # tiny sizes, every code path, under a minute
+
+Exits non-zero if any benchmark fails, including the correctness gate that
+checks every capture method returns the same maps before anything is timed.
+"""
+import argparse
+import os
+import sys
+import time
+import traceback
+
+from . import _env
+
+FULL = {
+    "batch": 8,
+    "vit_kwargs": {},
+    "warmup": 1,
+    "vit_s_rounds": 20,
+    "vit_b_rounds": 8,
+    "bert_tokens": 128,
+    "bert_rounds": 15,
+    "percall_number": 200000,
+    "percall_rounds": 15,
+    "decorate_n": 200,
+    "decorate_rounds": 7,
+    "memory_model": "vit_base_patch16_224",
+    "memory_batch": 32,
+    "import_rounds": 5,
+    "parallel_children": 1,
+}
+
+QUICK = dict(FULL, batch=2, vit_kwargs={"depth": 2, "img_size": 32}, warmup=1,
+             vit_s_rounds=2, vit_b_rounds=2, bert_tokens=16, bert_rounds=2,
+             percall_number=2000, percall_rounds=2, decorate_n=4, decorate_rounds=1,
+             memory_batch=2, import_rounds=1, parallel_children=4)
+
+# The same code as vit_s at tiny sizes; --quick leaves it out to stay fast.
+QUICK_SKIPS = {"vit_b"}
+
+SECTIONS = ["percall", "decorate", "vit_s", "vit_b", "bert", "memory", "imports"]
+
+
+def _log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and 1-2 rounds: checks that everything runs (for CI)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="run only these sections")
+    parser.add_argument("--anycapture-dir", default=_env.ANYCAPTURE_DIR,
+                        help="where anycapture was installed with pip --target "
+                             "(default: %(default)s)")
+    parser.add_argument("--require-anycapture", action="store_true",
+                        help="fail instead of skipping the anycapture rows when it is missing")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    # Children (memory, imports) run from the repository root with -m.
+    os.chdir(_env.REPO)
+    if _env.REPO not in sys.path:
+        sys.path.insert(0, _env.REPO)
+
+    failed = []
+    out = []
+    notes = []
+    summaries = {}
+    started = time.perf_counter()
+
+    def section(key, title, function, *fargs):
+        if key not in args.only or (args.quick and key in QUICK_SKIPS):
+            return
+        _log("[{:6.0f}s] {} ...".format(time.perf_counter() - started, title))
+        try:
+            text, summary = function(*fargs)
+        except Exception:
+            failed.append(key)
+            text, summary = "FAILED:\n\n```\n" + traceback.format_exc() + "```", None
+            _log(traceback.format_exc())
+        out.append("### " + title + "\n\n" + text + "\n")
+        summaries[key] = summary
+
+    torch = _env.setup_torch()
+    header = _env.describe_machine(args.anycapture_dir)
+    anycapture, why_not = _env.load_anycapture(args.anycapture_dir)
+    if anycapture is None:
+        message = "anycapture rows skipped: " + why_not
+        header.append(message)
+        _log(message)
+        if args.require_anycapture:
+            failed.append("anycapture")
+
+    from . import bert, imports, memory, percall, vit
+
+    size = "quick (tiny sizes, numbers meaningless)" if args.quick else "full"
+    header.append("sizes: {}; batch {}".format(size, cfg["batch"]))
+    section("percall", "Per-call overhead (trivial function vs module call)",
+            percall.per_call, cfg, anycapture, notes)
+    section("decorate", "Decoration cost per function", percall.decoration, cfg, anycapture,
+            notes)
+    section("vit_s", "ViT-S/16, CPU, batch {}, {} rounds".format(cfg["batch"], cfg["vit_s_rounds"]),
+            vit.run, dict(cfg, vit_rounds=cfg["vit_s_rounds"]), "vit_small_patch16_224",
+            anycapture, notes)
+    section("vit_b", "ViT-B/16, CPU, batch {}, {} rounds".format(cfg["batch"], cfg["vit_b_rounds"]),
+            vit.run, dict(cfg, vit_rounds=cfg["vit_b_rounds"]), "vit_base_patch16_224",
+            anycapture, notes)
+    section("bert", "BERT (all-MiniLM-L6-v2), CPU, batch {}, {} tokens, {} rounds".format(
+        cfg["batch"], cfg["bert_tokens"], cfg["bert_rounds"]), bert.run, cfg, anycapture, notes)
+    section("memory", "Peak memory, {} at batch {}".format(
+        "ViT-B/16" if not args.quick else "tiny ViT", cfg["memory_batch"]),
+        memory.run, cfg, notes)
+    section("imports", "Import time of timm, presets on vs off", imports.run, cfg, notes)
+
+    print("## visualizer benchmarks\n")
+    for line in header:
+        print("- " + line)
+    print()
+    for block in out:
+        print(block)
+    targets = _targets(summaries, cfg)
+    if targets:
+        print("### Targets\n\n" + targets + "\n")
+    if notes:
+        print("Notes:\n")
+        for note in notes:
+            print("- " + note)
+        print()
+    print("total time: {:.0f} s".format(time.perf_counter() - started))
+    del torch
+    if failed:
+        print("FAILED sections: " + ", ".join(failed))
+        return 1
+    return 0
+
+
+def _targets(s, cfg):
+    """The issue's targets against this run's numbers, as a markdown table."""
+    from ._timing import markdown
+
+    rows = []
+
+    def verdict(ok):
+        return "met" if ok else "MISSED"
+
+    dec = s.get("decorate")
+    if dec:
+        same = all(v["same"] for v in dec.values())
+        rows.append(["inactive: the function object itself (zero)",
+                     "decorator returns f, f.__code__ unchanged: {}".format(
+                         "yes" if same else "NO"), verdict(same)])
+    pc = s.get("percall")
+    if pc:
+        for kind in ("int", "tensor"):
+            r = pc[kind]
+            rows.append(["per-call capture <= 0.1 x forward hook [{}]".format(kind),
+                         "{:.0f} ns vs {:.0f} ns = {:.3f}".format(r["capture_ns"], r["hook_ns"],
+                                                                 r["ratio"]),
+                         verdict(r["ratio"] <= 0.1)])
+    vs = s.get("vit_s")
+    if vs:
+        rows.append(["ViT-S/16 capture all {} layers <= 1.03 x eager".format(vs["depth"]),
+                     "{:.3f}".format(vs["gl_vs_eager"]), verdict(vs["gl_vs_eager"] <= 1.03)])
+        rows.append(["ViT-S/16 capture never slower than hooks (NumPy copies both)",
+                     "{:.3f} x hooks".format(vs["gl_vs_hooks"]),
+                     verdict(vs["gl_vs_hooks"] <= 1.0)])
+    for key, label in (("vit_b", "ViT-B/16"), ("bert", "BERT")):
+        v = s.get(key)
+        if v:
+            rows.append(["{} capture (no target; for reference)".format(label),
+                         "{:.3f} x eager, {:.3f} x hooks".format(v["gl_vs_eager"],
+                                                                 v["gl_vs_hooks"]), ""])
+    if not rows:
+        return ""
+    return markdown(["target", "this run", ""], rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -714,7 +714,6 @@ def _file_name(key: str, index: int, count: int) -> str:
 
 def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
     _require("numpy", "plot")
-    _require("matplotlib", "plot")
     if not os.path.exists(args.file):
         raise _error("no such file: {}".format(args.file))
     if os.path.isdir(args.file):
@@ -735,6 +734,7 @@ def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
     if not keys:
         raise _error("{} has no key matching {}; its keys are: {}".format(
             args.file, " or ".join(repr(p) for p in args.key), ", ".join(cache)))
+    _require("matplotlib", "plot")
 
     from . import plotting
 
@@ -748,7 +748,7 @@ def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
         reasons = [_attention_shape(v, args.sample) for v in values]
         plottable = [i for i, r in enumerate(reasons) if r is None]
         if not plottable:
-            say("  {}: skipped, not attention maps ({})".format(key, reasons[0]))
+            say("  {}: skipped: {}".format(key, reasons[0]))
             continue
         chosen = plottable if args.limit == 0 else plottable[:args.limit]
         for i in chosen:

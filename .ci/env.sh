@@ -35,3 +35,20 @@ ensure_venv() {
     echo "$want" > "$dir/.stamp"
     echo "$dir"
 }
+
+# ensure_target NAME PIP REQUIREMENTS_FILE: a folder of packages installed with --no-deps
+# by PIP (for PYTHONPATH), made once and reused; prints its path.
+ensure_target() {
+    local name="$1" pip="$2" reqs="$3"
+    local dir="$VENVS/$name"
+    local want
+    want="$(cat "$reqs" | sha256sum | cut -c1-16)"
+    if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$want" ]; then
+        echo "$dir"; return 0
+    fi
+    echo "setting up $name (once; later runs reuse it) ..." >&2
+    rm -rf "$dir"
+    "$pip" install -q --no-deps --target "$dir" -r "$reqs" >&2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    echo "$want" > "$dir/.stamp"
+    echo "$dir"
+}

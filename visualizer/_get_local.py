@@ -404,15 +404,7 @@ class GetLocal:
                     overrides))
         names = _check_names(names) if names or not overrides else ()
         obj = _resolve.resolve(target) if isinstance(target, str) else target
-        function, default_source = _function_of(obj, names)
-        if overrides:
-            read = _rewrite.loaded_attributes(function.__code__)
-            unread = sorted(set(overrides) - read)
-            if unread:
-                raise VisualizerValueError(
-                    "watch: {} never reads the attribute{} {} (it reads: {})".format(
-                        function.__qualname__, "s" if len(unread) > 1 else "",
-                        ", ".join(repr(a) for a in unread), ", ".join(sorted(read))))
+        function, default_source = _function_of(obj, names, tuple(overrides or ()))
         if source is None:
             source = default_source
         elif source not in function.__code__.co_varnames[:_n_args(function.__code__)]:
@@ -691,9 +683,11 @@ def _check_names(names):
     return tuple(dict.fromkeys(names))
 
 
-def _function_of(obj, names):
+def _function_of(obj, names, reads=()):
     """Return ``(function, source)``: the plain function to rewrite for ``obj``.
 
+    Wrappers (``__wrapped__``) are followed to the innermost function whose
+    code has the locals ``names`` and reads the attributes ``reads``.
     ``source`` is the argument passed on as the event source (``self`` or
     ``cls``), or None.  Raises a clear error for anything that is not a
     function with those locals.
@@ -732,11 +726,18 @@ def _function_of(obj, names):
                 "function that consumes it, or return the values you need."
                 .format(obj.__qualname__, kind))
         missing = _rewrite.missing_names(code, names)
-        if not missing:
+        unread = sorted(set(reads) - _rewrite.loaded_attributes(code)) if reads else ()
+        if not missing and not unread:
             break
         wrapped = getattr(obj, "__wrapped__", None)
         if wrapped is None:
-            raise _missing_error(outer, obj, missing)
+            if missing:
+                raise _missing_error(outer, obj, missing)
+            raise VisualizerValueError(
+                "watch: {} never reads the attribute{} {} (it reads: {})".format(
+                    obj.__qualname__, "s" if len(unread) > 1 else "",
+                    ", ".join(repr(a) for a in unread),
+                    ", ".join(sorted(_rewrite.loaded_attributes(code)))))
         obj = wrapped
     return obj, _source_argument(obj) if source_allowed else None
 

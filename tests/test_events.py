@@ -148,7 +148,7 @@ def test_events_only_storage(gl):
     f(1)
     f(2)
     assert seen == [2, 4]
-    assert gl.cache == {f.__qualname__: []}
+    assert gl.cache == {}
 
 
 def test_module_filters_on_a_real_model(gl):

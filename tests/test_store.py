@@ -244,7 +244,7 @@ def test_nested_capture_scopes(gl):
         with gl.capture(store="none") as b:
             f(2)
         f(3)
-    assert a == {f.__qualname__: [1, 3]} and b == {f.__qualname__: []}
+    assert a == {f.__qualname__: [1, 3]} and b == {}
     assert gl.active
 
 

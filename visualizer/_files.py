@@ -8,6 +8,7 @@ that were Python numbers, that fact) stored as a byte array.  It is read with
 """
 import json
 import numbers
+import os
 import zipfile
 import zlib
 
@@ -67,6 +68,25 @@ def load_cache(path):
     """Read a file written by ``save_cache``; return ``{key: [values...]}`` in order."""
     import numpy as np
 
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise VisualizerTypeError(
+            "load needs the path of a file saved by get_local.save, got {} {!r}".format(
+                type(path).__name__, path))
+    if os.path.isdir(path):
+        raise VisualizerValueError(
+            "{} is a directory, not a cache saved by visualizer (not a readable .npz "
+            "archive)".format(path))
+    with open(path, "rb") as fh:  # a missing file is a FileNotFoundError, as usual
+        head = fh.read(6)
+        fh.seek(0)
+        is_zip = zipfile.is_zipfile(fh)
+    if head == b"\x93NUMPY":
+        raise VisualizerValueError(
+            "{} is a single NumPy array (.npy), not a cache saved by visualizer".format(path))
+    if not is_zip:
+        # Checked before numpy sees it: numpy would try it as a pickle.
+        raise VisualizerValueError(
+            "{} is not a cache saved by visualizer (not a readable .npz archive)".format(path))
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:

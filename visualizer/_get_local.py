@@ -16,7 +16,7 @@ import warnings
 import weakref
 
 from . import _dynamo, _imports, _resolve, _rewrite, _store
-from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
+from ._errors import CaptureWarning, VisualizerError, VisualizerTypeError, VisualizerValueError
 from .events import Event, EventDispatcher
 
 
@@ -110,6 +110,7 @@ def _make_record(state, target):
     plain = _store.plain_types
     convert = _store.to_numpy
     weak = weakref.ref
+    lock = state.store_lock
     failed = state.capture_failed
     if len(target.names) == 1:
         key = target.keys[0]
@@ -139,14 +140,8 @@ def _make_record(state, target):
                             ref = weak(source)
                         except TypeError:
                             ref = None
-                        try:
-                            cache[key].append(value)
-                        except KeyError:
-                            cache.add(key, value)
-                        try:
-                            cache.sources[key].append(ref)
-                        except KeyError:
-                            cache.sources.setdefault(key, []).append(ref)
+                        with lock:  # a value and its source, never split by a thread switch
+                            cache.add(key, value, ref)
                     else:
                         state.capture(target, source, (value,))
                 except Exception as exc:
@@ -178,6 +173,7 @@ class _State:
         self.storage = _store.Storage()
         self.events = EventDispatcher(on_change=self.refresh)
         self.lock = threading.RLock()
+        self.store_lock = threading.Lock()
         self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
         self.by_rewritten = {}  # id(rewritten code) -> (rewritten code, _Target)
         self.switches = []      # (on, off): run when capture starts and stops
@@ -204,10 +200,14 @@ class _State:
         prepared = [storage.prepare(key, value) for key, value in zip(keys, values)]
         cache = self.cache
         ref = _store.source_ref(source) if target.source is not None else _store._NO_SOURCE
-        for key, value in zip(keys, prepared):
-            cache.add(key, value, ref)
-            if storage.keep_last is not None:
-                cache.trim(key, storage.keep_last)
+        # One lock for the appends of one call, so that calls from other threads
+        # cannot interleave between the lists of several names, or between a
+        # value and its source.
+        with self.store_lock:
+            for key, value in zip(keys, prepared):
+                cache.add(key, value, ref)
+                if storage.keep_last is not None:
+                    cache.trim(key, storage.keep_last)
 
     def capture_failed(self, target, exc):
         if target.qualname in self.failed:
@@ -239,8 +239,6 @@ class _State:
                 # Mark later, if torch.compile turns up while we are installed.
                 self.dynamo_hook = True
                 _imports.when_imported("torch._dynamo.eval_frame", self.mark_installed)
-            for key in target.keys:
-                self.cache.setdefault(key, [])
         else:
             warnings.warn(
                 "get_local: {} no longer runs the code it had when it was decorated "
@@ -264,21 +262,32 @@ class _State:
             _dynamo.unmark(function)
 
     def register(self, function, names, source, overrides=None):
-        """Put ``function`` under capture of ``names``; install now if active."""
+        """Put ``function`` under capture of ``names``; install now if active.
+
+        If the code cannot be rewritten (``_rewrite.UnreadableCode``) while
+        active, the error is raised and nothing is registered or changed.
+        """
         with self.lock:
             code = function.__code__
             target = self.target_of(code)
-            if target is None:
+            created = target is None
+            if created:
                 target = _Target(self, code, function.__qualname__, names, source,
                                  function.__module__)
-                self.targets[id(code)] = target
-            else:
-                old_keys = target.keys
-                target.add_names(names)
-                for key in old_keys:
-                    if key not in target.keys and not self.cache.get(key, True):
-                        del self.cache[key]
+            saved = (target.names, target.keys, dict(target.overrides), target.rewritten)
+            target.add_names(names)
             target.add_overrides(overrides)
+            if self.active:
+                try:
+                    target.rewritten_code()
+                except VisualizerError:
+                    target.names, target.keys, target.overrides, target.rewritten = saved
+                    raise
+            if created:
+                self.targets[id(code)] = target
+            for key in saved[1]:
+                if key not in target.keys and not self.cache.get(key, True):
+                    del self.cache[key]
             target.functions.add(function)
             if self.active:
                 for fn in list(target.functions):
@@ -323,10 +332,16 @@ class _State:
                     (on if active else off)()
             for target in list(self.targets.values()):
                 for fn in list(target.functions):
-                    if active:
-                        self.install(target, fn)
-                    else:
+                    if not active:
                         self.uninstall(target, fn)
+                        continue
+                    try:
+                        self.install(target, fn)
+                    except VisualizerError as exc:  # one function must not stop the others
+                        if target.qualname not in self.failed:
+                            self.failed.add(target.qualname)
+                            warnings.warn(str(exc), CaptureWarning, stacklevel=3)
+                        break
 
 
 class GetLocal:

@@ -25,6 +25,7 @@ import types
 from bytecode import Bytecode, CellVar, FreeVar, Instr, Label
 
 from . import _compat
+from ._errors import VisualizerTypeError
 
 try:  # bytecode 0.14+ (Python 3.11+) models the exception table this way.
     from bytecode import TryBegin, TryEnd
@@ -62,7 +63,7 @@ def unsupported_kind(code):
 def loaded_attributes(code):
     """Return the attribute names ``code`` reads with plain ``x.attr`` loads."""
     return {attr for attr in (_compat.loaded_attribute(i.name, i.arg)
-                              for i in Bytecode.from_code(code) if isinstance(i, Instr))
+                              for i in _read(code) if isinstance(i, Instr))
             if attr is not None}
 
 
@@ -101,7 +102,7 @@ def rewrite(code, names, record, record_locals, source=None, overrides=None):
     >>> f(1), seen
     (2, [2])
     """
-    bc = Bytecode.from_code(code)
+    bc = _read(code)
     wanted = tuple(names) if source is None else (source,) + tuple(names)
     bound = _bound_at_returns(bc, code, wanted)
     cells = set(code.co_cellvars)
@@ -130,7 +131,35 @@ def rewrite(code, names, record, record_locals, source=None, overrides=None):
         out.append(item)
     bc.clear()
     bc.extend(out)
-    return bc.to_code()
+    try:
+        return bc.to_code()
+    except Exception as exc:
+        raise UnreadableCode(code, exc, "write") from exc
+
+
+class UnreadableCode(VisualizerTypeError):
+    """The ``bytecode`` package cannot read or write this code object (a known limit).
+
+    Seen on 3.13 when a comprehension variable has the name of a free variable
+    of the same function: CPython then lists the name twice among the frame's
+    locals (python/cpython#156664) and bytecode 0.19 cannot map it.
+    """
+
+    def __init__(self, code, exc, step="read"):
+        super().__init__(
+            "get_local cannot capture from {}: the bytecode package cannot {} its code "
+            "({}: {}). On Python 3.13 this happens when a comprehension variable has the "
+            "name of a free variable (python/cpython#156664): rename one of them, or "
+            "capture from a function that calls this one.".format(
+                code.co_qualname if hasattr(code, "co_qualname") else code.co_name,
+                step, type(exc).__name__, exc))
+
+
+def _read(code):
+    try:
+        return Bytecode.from_code(code)
+    except Exception as exc:
+        raise UnreadableCode(code, exc) from exc
 
 
 def _instr(name, arg, location):
@@ -159,7 +188,7 @@ def _deleted_by_inner(code, name):
         if isinstance(const, types.CodeType):
             if name in const.co_freevars and any(
                     _compat.unbound_name(i.name, i.arg) == name
-                    for i in Bytecode.from_code(const) if isinstance(i, Instr)):
+                    for i in _read(const) if isinstance(i, Instr)):
                 return True
             if _deleted_by_inner(const, name):
                 return True

@@ -167,6 +167,24 @@ class Cache(dict):
             except KeyError:
                 self.sources.setdefault(key, []).append(source_ref)
 
+    # A key's sources go with its values, so they stay aligned.
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.sources.pop(key, None)
+
+    def pop(self, key, *default):
+        self.sources.pop(key, None)
+        return super().pop(key, *default)
+
+    def popitem(self):
+        key, values = super().popitem()
+        self.sources.pop(key, None)
+        return key, values
+
+    def clear(self):
+        super().clear()
+        self.sources.clear()
+
     def trim(self, key, keep_last):
         """Keep only the last ``keep_last`` values of ``key``."""
         values = self.get(key)

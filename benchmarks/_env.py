@@ -88,6 +88,14 @@ def anycapture_version(directory):
     return None
 
 
+def load_average():
+    """The 1, 5 and 15 minute load averages: other work on the machine adds noise."""
+    try:
+        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as fh:
@@ -124,6 +132,7 @@ def describe_machine(anycapture_dir):
     versions.append("anycapture " + (any_version or "not installed"))
     return [
         "date: " + time.strftime("%Y-%m-%d %H:%M %Z"),
+        "load average at start: " + load_average(),
         "machine: {} ({} logical CPUs, {}), {}".format(
             cpu_model(), os.cpu_count(), platform.machine(), platform.platform()),
         "threads: torch.set_num_threads({})".format(torch.get_num_threads()),

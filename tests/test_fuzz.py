@@ -690,7 +690,6 @@ def shadowed_free():
     return namespace["outer"]()
 
 
-@pytest.mark.xfail(PY313, reason=UNREADABLE_REASON, strict=True)
 def test_unreadable_code_is_captured_or_refused_clearly():
     fn = shadowed_free()
     original = fn.__code__
@@ -710,8 +709,6 @@ def test_unreadable_code_is_captured_or_refused_clearly():
     assert fn.__code__ is original
 
 
-@pytest.mark.xfail(PY313, reason=UNREADABLE_REASON + " (activate() stops half-way)",
-                   strict=True)
 def test_one_unreadable_function_does_not_break_activate_for_the_others():
     def other(a):
         y = a * 2

@@ -126,11 +126,6 @@ class Stack:
         return x
 
 
-@pytest.mark.xfail(not PY311, strict=True, reason=(
-    "3.8-3.10: a capture from a method appends the value and the weak reference to its "
-    "module (`self`) in two steps without a lock (_store.Cache.add and the fast recorder), "
-    "and these Pythons switch threads between them, so by_module files some values under "
-    "another thread's module"))
 def test_replicas_in_threads_by_module_gives_each_replica_its_own_values(gl, fast_switching):
     n_threads, n_layers, n_calls = 8, 4, 500
     stack = Stack(n_threads, n_layers)
@@ -164,10 +159,6 @@ def test_replicas_in_threads_by_module_gives_each_replica_its_own_values(gl, fas
                     (k, i + k) for i in range(n_calls)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a call that captures several names appends one cache list per name without a lock "
-    "(_State.capture), so two threads interleave and cache['f.a'][i] and cache['f.b'][i] "
-    "come from different calls; the README promises aligned lists"))
 def test_several_names_stay_aligned_across_threads(gl, fast_switching):
     @gl("a", "b")
     def f(v):

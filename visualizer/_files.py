@@ -27,6 +27,7 @@ def save_cache(cache, path):
         raise VisualizerTypeError(
             "save needs a cache: a dict from key to a list of values, got {}".format(
                 type(cache).__name__))
+    _check_path(path, "save")
     arrays = {}
     entries = []
     for k, (key, values) in enumerate(cache.items()):
@@ -38,7 +39,7 @@ def save_cache(cache, path):
         scalars = []
         for i, value in enumerate(values):
             array = _as_array(np, key, i, value)
-            if array.dtype.hasobject:
+            if array.dtype.hasobject or array.dtype.kind in "USV":
                 raise VisualizerTypeError(
                     "cache[{!r}][{}] is {}, which cannot be saved without pickle; save "
                     "arrays or numbers (transform it, or drop that key first)".format(
@@ -51,6 +52,14 @@ def save_cache(cache, path):
     arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
+
+
+def _check_path(path, verb):
+    # An int would be taken by open() as a file descriptor.
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise VisualizerTypeError(
+            "{} needs a file path (str or os.PathLike), got {} {!r}".format(
+                verb, type(path).__name__, path))
 
 
 def _as_array(np, key, i, value):
@@ -68,10 +77,7 @@ def load_cache(path):
     """Read a file written by ``save_cache``; return ``{key: [values...]}`` in order."""
     import numpy as np
 
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        raise VisualizerTypeError(
-            "load needs the path of a file saved by get_local.save, got {} {!r}".format(
-                type(path).__name__, path))
+    _check_path(path, "load")
     if os.path.isdir(path):
         raise VisualizerValueError(
             "{} is a directory, not a cache saved by visualizer (not a readable .npz "
@@ -119,8 +125,8 @@ def load_cache(path):
                     array = archive["{}/{}".format(k, i)]
                     values.append(array.item() if i in scalars else array)
                 cache[entry["key"]] = values
-        except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile,
-                zlib.error, UnicodeDecodeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, OSError, EOFError,
+                zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as exc:
             raise VisualizerValueError(
                 "{} looks like a visualizer cache but is damaged: {}".format(path, exc)) from None
     return cache

@@ -10,12 +10,13 @@ function object (and every reference to it, bound methods included) stays
 the same and, while capture is off, runs exactly the code it was born with.
 """
 import contextlib
+import sys
 import threading
 import types
 import warnings
 import weakref
 
-from . import _dynamo, _imports, _resolve, _rewrite, _store
+from . import _imports, _resolve, _rewrite, _store, _torch
 from ._errors import CaptureWarning, VisualizerError, VisualizerTypeError, VisualizerValueError
 from .events import Event, EventDispatcher
 
@@ -176,8 +177,10 @@ class _State:
         self.store_lock = threading.Lock()
         self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
         self.by_rewritten = {}  # id(rewritten code) -> (rewritten code, _Target)
-        self.switches = []      # (on, off): run when capture starts and stops
         self.dynamo_hook = False
+        self.jit = _torch.JitGuard(self.is_captured)
+        self.jit_hook = False
+        self.switches = [(self.jit_on, self.jit.off)]  # (on, off): run as capture starts, stops
         self.failed = set()
 
     def refresh(self):
@@ -235,7 +238,7 @@ class _State:
             new = target.rewritten_code()
             self.by_rewritten[id(new)] = (new, target)
             function.__code__ = new
-            if not _dynamo.mark(function, new) and not self.dynamo_hook:
+            if not _torch.mark(function, new) and not self.dynamo_hook:
                 # Mark later, if torch.compile turns up while we are installed.
                 self.dynamo_hook = True
                 _imports.when_imported("torch._dynamo.eval_frame", self.mark_installed)
@@ -245,21 +248,33 @@ class _State:
                 "(something else replaced its __code__), so it is not captured."
                 .format(target.qualname), CaptureWarning, stacklevel=3)
 
+    def is_captured(self, function):
+        """Whether ``function`` runs code under capture (of at least one name)."""
+        target = self.target_of(function.__code__)
+        return target is not None and bool(target.names)
+
+    def jit_on(self):
+        if "torch" in sys.modules:
+            self.jit.on()
+        elif not self.jit_hook:
+            self.jit_hook = True
+            _imports.when_imported("torch", lambda torch: self.active and self.jit.on(torch))
+
     def mark_installed(self, module=None):
-        """Mark every installed rewritten code for torch.compile (see ``_dynamo``)."""
+        """Mark every installed rewritten code for torch.compile (see ``_torch``)."""
         with self.lock:
             self.dynamo_hook = False
             for target in list(self.targets.values()):
                 for function in list(target.functions):
                     if self.target_of(function.__code__) is target and \
                             function.__code__ is not target.code:
-                        _dynamo.mark(function, function.__code__)
+                        _torch.mark(function, function.__code__)
 
     def uninstall(self, target, function):
         code = function.__code__
         if code is not target.code and self.target_of(code) is target:
             function.__code__ = target.code
-            _dynamo.unmark(function)
+            _torch.unmark(function)
 
     def register(self, function, names, source, overrides=None):
         """Put ``function`` under capture of ``names``; install now if active.
@@ -417,6 +432,11 @@ class GetLocal:
             raise VisualizerTypeError(
                 "overrides must be a dict from attribute name to value, got {!r}".format(
                     overrides))
+        for attr in overrides or ():
+            if not isinstance(attr, str) or not attr.isidentifier():
+                raise VisualizerTypeError(
+                    "overrides: attribute names must be strings naming an attribute, "
+                    "got {!r}".format(attr))
         names = _check_names(names) if names or not overrides else ()
         obj = _resolve.resolve(target) if isinstance(target, str) else target
         function, default_source = _function_of(obj, names, tuple(overrides or ()))

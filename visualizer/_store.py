@@ -19,6 +19,7 @@ already in ``sys.modules`` and the type subclasses ``torch.Tensor``.  The
 answer is remembered per type, so the common case costs one lookup.
 """
 import sys
+import warnings
 import weakref
 
 from ._errors import VisualizerTypeError, VisualizerValueError
@@ -54,6 +55,16 @@ def tensor_to_numpy(tensor):
     t = tensor.detach()
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
+    if torch.jit.is_tracing():
+        # Our copy is not part of the model: torch.jit.trace must not warn that
+        # it "might cause the trace to be incorrect".
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _cpu_copy(t)
+    return _cpu_copy(t)
+
+
+def _cpu_copy(t):
     # .numpy() shares memory with a CPU tensor that the model may still change
     # in place after returning, so keep a copy nothing else can write to.
     if t.device.type == "cpu":

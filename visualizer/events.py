@@ -108,6 +108,10 @@ def function_is(function):
         raise VisualizerTypeError(
             "function_is takes a qualname such as 'Attention.forward' or a function, "
             "got {!r}".format(function))
+    if not all(part.isidentifier() or part == "<locals>" for part in qualname.split(".")):
+        raise VisualizerValueError(
+            "function_is: {!r} cannot be a qualname, which looks like "
+            "'Attention.forward'".format(qualname))
     return EventFilter(lambda e: e.function == qualname, "function_is({!r})".format(qualname))
 
 
@@ -119,6 +123,9 @@ def variable_is(name):
     """
     if not isinstance(name, str):
         raise VisualizerTypeError("variable_is takes a variable name, got {!r}".format(name))
+    if not name.isidentifier():
+        raise VisualizerValueError(
+            "variable_is: {!r} is not a valid variable name".format(name))
     return EventFilter(lambda e: e.name == name, "variable_is({!r})".format(name))
 
 
@@ -127,6 +134,9 @@ def from_module(module):
 
     >>> from_module(model.blocks[3].attn)  # doctest: +SKIP
     """
+    if module is None:
+        raise VisualizerTypeError(
+            "from_module takes the module whose events to accept, got None")
     return EventFilter(lambda e: e.source is module,
                        "from_module({})".format(type(module).__name__))
 

@@ -804,6 +804,11 @@ def plot_token_attention(
             "got {} tokens for attention over {} tokens (shape {}): pass one token per "
             "position, padding included".format(len(tokens), n, tuple(arr.shape))
         )
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 1):
+        raise VisualizerValueError(
+            "max_tokens must be a positive integer or None (all tokens), got {!r}".format(
+                max_tokens))
     data = _select_head(arr, head)
     shown = n
     if max_tokens is not None and n > max_tokens:
@@ -975,7 +980,17 @@ def save_figure(fig: Figure, path: Union[str, "os.PathLike[str]"], dpi: int = 15
     >>> os.path.getsize(out) > 0
     True
     """
+    if not isinstance(fig, Figure):
+        raise VisualizerTypeError(
+            "save_figure needs a matplotlib Figure (as the plot functions return), got {} "
+            "{!r}".format(type(fig).__name__, fig))
     path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = fig.canvas.get_supported_filetypes()
+    if kwargs.get("format") is None and ext not in formats:
+        raise VisualizerValueError(
+            "save_figure cannot write {!r}: the extension {!r} is not a format matplotlib "
+            "writes ({})".format(path, ext, ", ".join(sorted(formats))))
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)

@@ -46,7 +46,7 @@ import inspect
 import warnings
 
 from . import _imports
-from ._errors import CaptureWarning, VisualizerValueError
+from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
 
 __all__ = ["FAMILIES", "Watch", "watch_attention", "unwatch_attention"]
 
@@ -174,8 +174,15 @@ def watch_attention(get_local, families=None):
 
     Returns the dotted paths that are watched now or will be when imported.
     ``families`` limits it to some of ``FAMILIES`` (``'timm'``,
-    ``'transformers'``, ``'torch'``).  Calling it again changes nothing.
+    ``'transformers'``, ``'torch'``; one name or a list).  Calling it again
+    changes nothing.
     """
+    if isinstance(families, str):
+        families = [families]
+    if families is not None and not isinstance(families, (list, tuple, set, frozenset)):
+        raise VisualizerTypeError(
+            "watch_attention takes a list of families such as ['timm'], got {} {!r}".format(
+                type(families).__name__, families))
     chosen = list(FAMILIES) if families is None else list(families)
     unknown = [f for f in chosen if f not in FAMILIES]
     if unknown:

@@ -1,0 +1,360 @@
+"""Capture at run time: the functions under capture, their code, the cache.
+
+A ``Target`` is one original code object under capture, with the names it
+captures and the functions that run it.  ``State`` installs a target by
+assigning its rewritten code object to each function's ``__code__`` and
+removes it by assigning the original back, so the function object (and every
+reference to it, bound methods included) stays the same and, while capture
+is off, runs exactly the code it was born with.  The recorders built by
+``make_record`` are what rewritten code calls when it returns; they hand the
+values to ``State.capture``, which dispatches events and stores.
+
+The code rewriting itself is the pure function ``_rewrite.rewrite``; the
+public face is ``_get_local.GetLocal``.
+"""
+import sys
+import threading
+import warnings
+import weakref
+
+from . import _imports, _rewrite, _store, _torch
+from ._errors import CaptureWarning, VisualizerError
+from .events import Event, EventDispatcher
+
+
+class Target:
+    """One original code object under capture, and the functions that run it."""
+
+    def __init__(self, state, code, qualname, names, source, module=None):
+        self.state = state
+        self.code = code
+        self.qualname = qualname
+        self.module = module
+        self.names = tuple(names)
+        self.keys = _keys(qualname, self.names)
+        self.source = source
+        self.overrides = {}
+        self.rewritten = None
+        self.functions = weakref.WeakSet()
+        self.warned = set()
+
+    def add_names(self, names):
+        """Capture ``names`` as well; the code is rewritten again on next install."""
+        merged = tuple(dict.fromkeys(self.names + tuple(names)))
+        if merged != self.names:
+            self.names = merged
+            self.keys = _keys(self.qualname, merged)
+            self.rewritten = None
+
+    def add_overrides(self, overrides):
+        """Read these attributes as constants while installed (see ``_rewrite.rewrite``)."""
+        if overrides and any(self.overrides.get(k, _MISSING) is not v
+                             for k, v in overrides.items()):
+            self.overrides.update(overrides)
+            self.rewritten = None
+
+    def rewritten_code(self):
+        if self.rewritten is None:
+            self.rewritten = _rewrite.rewrite(
+                self.code, self.names, make_record(self.state, self), self.record_locals,
+                source=self.source, overrides=self.overrides)
+        return self.rewritten
+
+    def record_locals(self, frame_locals):
+        """Called with ``locals()`` at returns where some name may be unbound."""
+        try:
+            missing = [n for n in self.names if n not in frame_locals]
+            if missing:
+                if self.state.active:
+                    self.warn_unbound(missing)
+                return
+            source = None if self.source is None else frame_locals.get(self.source)
+            self.state.capture(self, source, [frame_locals[n] for n in self.names])
+        except Exception as exc:  # never let a capture break the user's function
+            self.state.capture_failed(self, exc)
+
+    def warn_unbound(self, missing):
+        new = [n for n in missing if n not in self.warned]
+        if not new:
+            return
+        self.warned.update(new)
+        names = ", ".join(repr(n) for n in new)
+        warnings.warn(
+            "get_local: {names} {verb} not bound when {fn} returned, so that call recorded "
+            "nothing (later calls like it are not reported again). The variable is "
+            "assigned only on a path that did not run, e.g. a fused-attention fast "
+            "path; make that path run (timm: fused_attn=False; transformers: "
+            "attn_implementation='eager'), or capture a variable bound on every "
+            "path.".format(names=names, verb="was" if len(new) == 1 else "were",
+                          fn=self.qualname),
+            CaptureWarning, stacklevel=3)
+
+
+_MISSING = object()
+
+
+def _keys(qualname, names):
+    """Cache keys, one per name: the qualname alone when there is one name."""
+    if len(names) == 1:
+        return (qualname,)
+    return tuple("{}.{}".format(qualname, n) for n in names)
+
+
+def make_record(state, target):
+    """Build the function a rewritten code object calls where all names are bound.
+
+    The rewritten code passes ``(source, *values)`` or ``values``.  With one
+    name, the common case, a specialised function takes the shortest path when
+    the state is ``fast`` (active, default storage, no event handlers): skip the
+    conversion for types known not to be tensors, append.  Anything else goes
+    through ``State.capture``.  Nothing here may raise into the user's code.
+    """
+    plain = _store.plain_types
+    convert = _store.to_numpy
+    weak = weakref.ref
+    lock = state.store_lock
+    failed = state.capture_failed
+    if len(target.names) == 1:
+        key = target.keys[0]
+        if target.source is None:
+            def record(value):
+                try:
+                    if state.fast:
+                        if type(value) not in plain:
+                            value = convert(value)
+                        cache = state.cache
+                        try:
+                            cache[key].append(value)
+                        except KeyError:  # a new key, or one the user deleted
+                            cache.add(key, value)
+                    else:
+                        state.capture(target, None, (value,))
+                except Exception as exc:
+                    failed(target, exc)
+        else:
+            def record(source, value):
+                try:
+                    if state.fast:
+                        if type(value) not in plain:
+                            value = convert(value)
+                        cache = state.cache
+                        try:
+                            ref = weak(source)
+                        except TypeError:
+                            ref = None
+                        with lock:  # a value and its source, never split by a thread switch
+                            cache.add(key, value, ref)
+                    else:
+                        state.capture(target, source, (value,))
+                except Exception as exc:
+                    failed(target, exc)
+        return record
+
+    if target.source is None:
+        def record(*values):
+            try:
+                state.capture(target, None, values)
+            except Exception as exc:
+                failed(target, exc)
+    else:
+        def record(source, *values):
+            try:
+                state.capture(target, source, values)
+            except Exception as exc:
+                failed(target, exc)
+    return record
+
+
+class State:
+    """Everything that changes at run time, shared by all recorders."""
+
+    def __init__(self):
+        self.active = False
+        self.fast = False
+        self.cache = _store.Cache()
+        self.storage = _store.Storage()
+        self.events = EventDispatcher(on_change=self.refresh)
+        self.lock = threading.RLock()
+        self.store_lock = threading.Lock()
+        self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
+        self.by_rewritten = {}  # id(rewritten code) -> (rewritten code, _Target)
+        self.dynamo_hook = False
+        self.jit = _torch.JitGuard(self.is_captured)
+        self.jit_hook = False
+        self.switches = [(self.jit_on, self.jit.off)]  # (on, off): run as capture starts, stops
+        self.failed = set()
+
+    def refresh(self):
+        """Recompute ``fast``: can recorders skip events, transforms and bounds?"""
+        self.fast = self.active and self.storage.is_default and not len(self.events)
+
+    def capture(self, target, source, values):
+        """Dispatch events for one call's values, then store them."""
+        if not self.active:
+            return
+        keys = target.keys
+        if len(self.events):
+            for key, name, value in zip(keys, target.names, values):
+                self.events.dispatch(Event(key, target.qualname, name, value, source))
+        storage = self.storage
+        if storage.kind == "none":
+            return
+        # Prepare every value before storing any, so a failing transform
+        # leaves the lists of a multi-name capture aligned.
+        prepared = [storage.prepare(key, value) for key, value in zip(keys, values)]
+        cache = self.cache
+        ref = _store.source_ref(source) if target.source is not None else _store._NO_SOURCE
+        # One lock for the appends of one call, so that calls from other threads
+        # cannot interleave between the lists of several names, or between a
+        # value and its source.
+        with self.store_lock:
+            for key, value in zip(keys, prepared):
+                cache.add(key, value, ref)
+                if storage.keep_last is not None:
+                    cache.trim(key, storage.keep_last)
+
+    def capture_failed(self, target, exc):
+        if target.qualname in self.failed:
+            return
+        self.failed.add(target.qualname)
+        warnings.warn(
+            "get_local: capturing {} failed and that call recorded nothing: {}: {}"
+            .format(target.qualname, type(exc).__name__, exc),
+            CaptureWarning, stacklevel=3)
+
+    # -- installing and removing rewritten code -------------------------------
+
+    def target_of(self, code):
+        """The target whose original or rewritten code ``code`` is, or None."""
+        target = self.targets.get(id(code))
+        if target is not None and target.code is code:
+            return target
+        code_and_target = self.by_rewritten.get(id(code))
+        if code_and_target is not None and code_and_target[0] is code:
+            return code_and_target[1]
+        return None
+
+    def install(self, target, function):
+        if self.target_of(function.__code__) is target:
+            new = target.rewritten_code()
+            self.by_rewritten[id(new)] = (new, target)
+            function.__code__ = new
+            if not _torch.mark(function, new) and not self.dynamo_hook:
+                # Mark later, if torch.compile turns up while we are installed.
+                self.dynamo_hook = True
+                _imports.when_imported("torch._dynamo.eval_frame", self.mark_installed)
+        else:
+            warnings.warn(
+                "get_local: {} no longer runs the code it had when it was decorated "
+                "(something else replaced its __code__), so it is not captured."
+                .format(target.qualname), CaptureWarning, stacklevel=3)
+
+    def is_captured(self, function):
+        """Whether ``function`` runs code under capture (of at least one name)."""
+        target = self.target_of(function.__code__)
+        return target is not None and bool(target.names)
+
+    def jit_on(self):
+        if "torch" in sys.modules:
+            self.jit.on()
+        elif not self.jit_hook:
+            self.jit_hook = True
+            _imports.when_imported("torch", lambda torch: self.active and self.jit.on(torch))
+
+    def mark_installed(self, module=None):
+        """Mark every installed rewritten code for torch.compile (see ``_torch``)."""
+        with self.lock:
+            self.dynamo_hook = False
+            for target in list(self.targets.values()):
+                for function in list(target.functions):
+                    if self.target_of(function.__code__) is target and \
+                            function.__code__ is not target.code:
+                        _torch.mark(function, function.__code__)
+
+    def uninstall(self, target, function):
+        code = function.__code__
+        if code is not target.code and self.target_of(code) is target:
+            function.__code__ = target.code
+            _torch.unmark(function)
+
+    def register(self, function, names, source, overrides=None):
+        """Put ``function`` under capture of ``names``; install now if active.
+
+        If the code cannot be rewritten (``_rewrite.UnreadableCode``) while
+        active, the error is raised and nothing is registered or changed.
+        """
+        with self.lock:
+            code = function.__code__
+            target = self.target_of(code)
+            created = target is None
+            if created:
+                target = Target(self, code, function.__qualname__, names, source,
+                                 function.__module__)
+            saved = (target.names, target.keys, dict(target.overrides), target.rewritten)
+            target.add_names(names)
+            target.add_overrides(overrides)
+            if self.active:
+                try:
+                    target.rewritten_code()
+                except VisualizerError:
+                    target.names, target.keys, target.overrides, target.rewritten = saved
+                    raise
+            if created:
+                self.targets[id(code)] = target
+            for key in saved[1]:
+                if key not in target.keys and not self.cache.get(key, True):
+                    del self.cache[key]
+            target.functions.add(function)
+            if self.active:
+                for fn in list(target.functions):
+                    self.install(target, fn)
+            return target
+
+    def unregister(self, function):
+        """Stop capturing from ``function`` and give it its original code back."""
+        with self.lock:
+            target = self.target_of(function.__code__)
+            if target is None:
+                return False
+            self.uninstall(target, function)
+            target.functions.discard(function)
+            if not len(target.functions):
+                del self.targets[id(target.code)]
+                for key in [k for k, (_, t) in self.by_rewritten.items() if t is target]:
+                    del self.by_rewritten[key]
+            return True
+
+    def add_switch(self, on, off):
+        """Call ``on()`` whenever capture starts (now, if active) and ``off()`` when it stops."""
+        with self.lock:
+            self.switches.append((on, off))
+            if self.active:
+                on()
+
+    def remove_switch(self, on, off):
+        with self.lock:
+            if (on, off) in self.switches:
+                self.switches.remove((on, off))
+                if self.active:
+                    off()
+
+    def set_active(self, active):
+        with self.lock:
+            changed = active != self.active
+            self.active = active
+            self.refresh()
+            if changed:
+                for on, off in list(self.switches):
+                    (on if active else off)()
+            for target in list(self.targets.values()):
+                for fn in list(target.functions):
+                    if not active:
+                        self.uninstall(target, fn)
+                        continue
+                    try:
+                        self.install(target, fn)
+                    except VisualizerError as exc:  # one function must not stop the others
+                        if target.qualname not in self.failed:
+                            self.failed.add(target.qualname)
+                            warnings.warn(str(exc), CaptureWarning, stacklevel=3)
+                        break

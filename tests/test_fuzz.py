@@ -509,10 +509,10 @@ def keys_for(qualname, names):
 
 
 def bytecode_cannot_read(code):
-    """True if the ``bytecode`` package fails to read ``code`` (see the xfail tests below)."""
+    """True if get_local refuses ``code`` as a known limit of ``bytecode`` (see below)."""
     try:
-        Bytecode.from_code(code)
-    except Exception:
+        _rewrite._read(code)
+    except _rewrite.UnreadableCode:
         return True
     return False
 
@@ -750,12 +750,6 @@ def outer():
 """
 
 
-@pytest.mark.xfail(PY313, strict=True, reason=(
-    "3.13: bytecode 0.19 writes back a function whose comprehension variable is also a free "
-    "variable (it reads without an IndexError here) with the lambda's closure taken from "
-    "x's slot instead of c's: the rewritten f returns 2 where the original returns 1. "
-    "get_local should refuse this shape (a name both in co_varnames and in "
-    "co_freevars/co_cellvars) with its clear UnreadableCode error, not only an IndexError"))
 def test_a_shadowed_free_variable_keeps_its_closure():
     namespace = {}
     exec(SHADOWED_FREE_MISCOMPILED, namespace)
@@ -797,12 +791,6 @@ assert alive == 0, "{} of 50 discarded GetLocal states are still alive".format(a
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "every GetLocal that installs code while torch is not imported registers callbacks "
-    "(mark_installed for torch._dynamo.eval_frame, and one for torch) in the global "
-    "_imports._pending that hold its state, cache included, forever: a process that makes "
-    "many GetLocal instances (the long fuzz run makes one per function and grows to "
-    "hundreds of MB) keeps all of them alive"))
 def test_discarded_get_locals_are_freed():
     import subprocess
 

@@ -7,6 +7,7 @@ softmax(QK^T/sqrt(d)) for ``nn.MultiheadAttention``.
 """
 import os
 import subprocess
+import weakref
 import sys
 import textwrap
 
@@ -279,7 +280,7 @@ def test_a_preset_that_does_not_match_warns_with_the_fix(gl, tmp_path, monkeypat
     monkeypatch.syspath_prepend(str(tmp_path))
     watch = presets_module.Watch("drifted_lib_xyz", "Attention.forward", ("attn",), family="drifted")
     applied = presets_module._Applied()
-    callback = presets_module._alternatives_callback(gl, applied, [watch])
+    callback = presets_module._alternatives_callback(weakref.ref(gl), applied, [watch])
     import drifted_lib_xyz
     try:
         with pytest.warns(CaptureWarning, match=r"does not match the installed drifted .*"

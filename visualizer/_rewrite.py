@@ -140,22 +140,37 @@ def rewrite(code, names, record, record_locals, source=None, overrides=None):
 class UnreadableCode(VisualizerTypeError):
     """The ``bytecode`` package cannot read or write this code object (a known limit).
 
-    Seen on 3.13 when a comprehension variable has the name of a free variable
-    of the same function: CPython then lists the name twice among the frame's
-    locals (python/cpython#156664) and bytecode 0.19 cannot map it.
+    On 3.13, when a comprehension variable has the name of a cell or free
+    variable of the same function, CPython gives the name two slots
+    (python/cpython#156664) and bytecode 0.19 confuses them: some such code it
+    cannot read, some it writes back wrong.  Both are refused up front.
     """
 
-    def __init__(self, code, exc, step="read"):
+    def __init__(self, code, exc=None, step="read"):
+        name = code.co_qualname if hasattr(code, "co_qualname") else code.co_name
+        if exc is None:
+            problem = ("it has a comprehension variable named like a variable it shares "
+                       "with an inner or outer function ({}), which the bytecode package "
+                       "cannot rewrite correctly on this Python (python/cpython#156664)"
+                       .format(", ".join(shadowed_names(code))))
+        else:
+            problem = "the bytecode package cannot {} its code ({}: {})".format(
+                step, type(exc).__name__, exc)
         super().__init__(
-            "get_local cannot capture from {}: the bytecode package cannot {} its code "
-            "({}: {}). On Python 3.13 this happens when a comprehension variable has the "
-            "name of a free variable (python/cpython#156664): rename one of them, or "
-            "capture from a function that calls this one.".format(
-                code.co_qualname if hasattr(code, "co_qualname") else code.co_name,
-                step, type(exc).__name__, exc))
+            "get_local cannot capture from {}: {}. Rename the comprehension variable, or "
+            "capture from a function that calls this one.".format(name, problem))
+
+
+def shadowed_names(code):
+    """Names with two slots: a hidden comprehension local and a cell or free variable."""
+    n_args = len(_arg_names(code))
+    locals_ = set(code.co_varnames[n_args:])
+    return sorted(locals_ & (set(code.co_cellvars) | set(code.co_freevars)))
 
 
 def _read(code):
+    if _compat.SHADOWED_SLOTS_UNSAFE and shadowed_names(code):
+        raise UnreadableCode(code)
     try:
         return Bytecode.from_code(code)
     except Exception as exc:

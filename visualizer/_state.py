@@ -54,11 +54,20 @@ class Target:
             self.rewritten = None
 
     def rewritten_code(self):
-        if self.rewritten is None:
-            self.rewritten = _rewrite.rewrite(
+        """The rewritten code, made again if no function holds it any more.
+
+        Only a weak reference is kept: the code's constants hold the recorders,
+        which hold the state, and code objects are not tracked by the cycle
+        collector, so a strong reference here would keep every discarded
+        ``GetLocal`` alive forever.
+        """
+        code = self.rewritten() if self.rewritten is not None else None
+        if code is None:
+            code = _rewrite.rewrite(
                 self.code, self.names, make_record(self.state, self), self.record_locals,
                 source=self.source, overrides=self.overrides)
-        return self.rewritten
+            self.rewritten = weakref.ref(code)
+        return code
 
     def record_locals(self, frame_locals):
         """Called with ``locals()`` at returns where some name may be unbound."""
@@ -143,7 +152,13 @@ def make_record(state, target):
                         except TypeError:
                             ref = None
                         with lock:  # a value and its source, never split by a thread switch
-                            cache.add(key, value, ref)
+                            try:
+                                values, refs = cache[key], cache.sources[key]
+                            except KeyError:
+                                values = cache.setdefault(key, [])
+                                refs = cache.sources.setdefault(key, [])
+                            values.append(value)
+                            refs.append(ref)
                     else:
                         state.capture(target, source, (value,))
                 except Exception as exc:
@@ -177,7 +192,7 @@ class State:
         self.lock = threading.RLock()
         self.store_lock = threading.Lock()
         self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
-        self.by_rewritten = {}  # id(rewritten code) -> (rewritten code, _Target)
+        self.by_rewritten = {}  # id(rewritten code) -> (weak ref to that code, Target)
         self.dynamo_hook = False
         self.jit = _torch.JitGuard(self.is_captured)
         self.jit_hook = False
@@ -229,20 +244,21 @@ class State:
         target = self.targets.get(id(code))
         if target is not None and target.code is code:
             return target
-        code_and_target = self.by_rewritten.get(id(code))
-        if code_and_target is not None and code_and_target[0] is code:
-            return code_and_target[1]
+        ref_and_target = self.by_rewritten.get(id(code))
+        if ref_and_target is not None and ref_and_target[0]() is code:
+            return ref_and_target[1]
         return None
 
     def install(self, target, function):
         if self.target_of(function.__code__) is target:
             new = target.rewritten_code()
-            self.by_rewritten[id(new)] = (new, target)
+            self.by_rewritten[id(new)] = (weakref.ref(new, self._forget), target)
             function.__code__ = new
             if not _torch.mark(function, new) and not self.dynamo_hook:
                 # Mark later, if torch.compile turns up while we are installed.
                 self.dynamo_hook = True
-                _imports.when_imported("torch._dynamo.eval_frame", self.mark_installed)
+                _imports.when_imported("torch._dynamo.eval_frame",
+                                       _weakly(self, State.mark_installed))
         else:
             warnings.warn(
                 "get_local: {} no longer runs the code it had when it was decorated "
@@ -259,7 +275,17 @@ class State:
             self.jit.on()
         elif not self.jit_hook:
             self.jit_hook = True
-            _imports.when_imported("torch", lambda torch: self.active and self.jit.on(torch))
+            _imports.when_imported("torch", _weakly(self, State.jit_on_import))
+
+    def jit_on_import(self, torch):
+        if self.active:
+            self.jit.on(torch)
+
+    def _forget(self, ref):
+        """Drop the entry of a rewritten code object that no function holds any more."""
+        for key, (other, _) in list(self.by_rewritten.items()):
+            if other is ref:
+                del self.by_rewritten[key]
 
     def mark_installed(self, module=None):
         """Mark every installed rewritten code for torch.compile (see ``_torch``)."""
@@ -295,7 +321,8 @@ class State:
             target.add_overrides(overrides)
             if self.active:
                 try:
-                    target.rewritten_code()
+                    # Kept in a local, so the install below reuses this code object.
+                    rewritten = target.rewritten_code()  # noqa: F841
                 except VisualizerError:
                     target.names, target.keys, target.overrides, target.rewritten = saved
                     raise
@@ -358,3 +385,15 @@ class State:
                             self.failed.add(target.qualname)
                             warnings.warn(str(exc), CaptureWarning, stacklevel=3)
                         break
+
+
+def _weakly(state, method):
+    """A callback for ``_imports`` that does not keep ``state`` alive."""
+    ref = weakref.ref(state)
+
+    def callback(module):
+        alive = ref()
+        if alive is not None:
+            method(alive, module)
+
+    return callback

@@ -44,6 +44,7 @@ Captures of eager paths equal the fused results up to float rounding (about
 """
 import inspect
 import warnings
+import weakref
 
 from . import _imports
 from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
@@ -166,7 +167,7 @@ class _Applied:
         self.switches = []
 
 
-_applied = {}  # id(get_local) -> _Applied
+_applied = weakref.WeakKeyDictionary()  # get_local -> _Applied
 
 
 def watch_attention(get_local, families=None):
@@ -189,20 +190,21 @@ def watch_attention(get_local, families=None):
         raise VisualizerValueError(
             "watch_attention: unknown families {}; known: {}".format(
                 ", ".join(map(repr, unknown)), ", ".join(map(repr, FAMILIES))))
-    applied = _applied.setdefault(id(get_local), _Applied())
+    applied = _applied.setdefault(get_local, _Applied())
+    ref = weakref.ref(get_local)  # waiting callbacks must not keep get_local alive
     paths = []
     for family in chosen:
         for entry in FAMILIES[family]:
             if entry == "torch":
                 paths.append("torch.nn.MultiheadAttention.forward")
-                callback, module = _torch_callback(get_local, applied), "torch"
+                callback, module = _torch_callback(ref, applied), "torch"
             elif isinstance(entry, str):
                 paths.append(entry + ".eager_attention_forward")
-                callback, module = _module_callback(get_local, applied, entry), entry
+                callback, module = _module_callback(ref, applied, entry), entry
             else:
                 first = next(w for w in entry if w is not None)
                 paths.append(first.path)
-                callback = _alternatives_callback(get_local, applied, entry)
+                callback = _alternatives_callback(ref, applied, entry)
                 module = first.module
             if any(getattr(cb, "preset", None) == callback.preset for cb in applied.callbacks):
                 continue  # watching twice changes nothing
@@ -213,7 +215,7 @@ def watch_attention(get_local, families=None):
 
 def unwatch_attention(get_local):
     """Undo ``watch_attention``: original code back, nothing left waiting."""
-    applied = _applied.pop(id(get_local), None)
+    applied = _applied.pop(get_local, None)
     if applied is None:
         return
     for callback in applied.callbacks:
@@ -224,8 +226,11 @@ def unwatch_attention(get_local):
         get_local._state.unregister(function)
 
 
-def _alternatives_callback(get_local, applied, alternatives):
+def _alternatives_callback(ref, applied, alternatives):
     def apply(module):
+        get_local = ref()
+        if get_local is None:
+            return
         errors = []
         for watch in alternatives:
             if watch is None:
@@ -249,8 +254,11 @@ def _alternatives_callback(get_local, applied, alternatives):
     return apply
 
 
-def _module_callback(get_local, applied, name):
+def _module_callback(ref, applied, name):
     def apply(module):
+        get_local = ref()
+        if get_local is None:
+            return
         try:
             _transformers_module(get_local, applied, module)
         except (ValueError, TypeError) as exc:
@@ -264,10 +272,13 @@ def _module_callback(get_local, applied, name):
     return apply
 
 
-def _torch_callback(get_local, applied):
+def _torch_callback(ref, applied):
     # Waits for ``torch`` itself: its submodules are imported while torch's
     # __init__ runs, when torch.backends does not exist yet.
     def apply(torch):
+        get_local = ref()
+        if get_local is None:
+            return
         mha = torch.nn.MultiheadAttention
         original = vars(mha)["forward"]
         replacement = _multihead_attention_forward(original)

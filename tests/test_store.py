@@ -288,3 +288,17 @@ def test_by_module_names_each_capture(gl):
         gl.by_module(object())
     with pytest.raises(TypeError, match="module record"):
         gl.by_module(model, {"k": []})
+
+
+def test_meta_tensors_are_kept_without_a_warning(gl, no_warnings):
+    torch = require("torch")
+
+    @gl("t")
+    def f():
+        t = torch.empty(2, 3, device="meta")
+        return 0
+
+    f()
+    stored = gl.cache[f.__qualname__][0]
+    assert isinstance(stored, torch.Tensor) and stored.device.type == "meta"
+    assert stored.shape == (2, 3)

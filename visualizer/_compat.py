@@ -12,10 +12,10 @@ PY312 = sys.version_info >= (3, 12)
 PY313 = sys.version_info >= (3, 13)
 
 # 3.12 inlines comprehensions (PEP 709): a comprehension variable named like a
-# cell or free variable of the same function gets a second, hidden slot with
-# that name.  On 3.13, bytecode 0.19 confuses the two slots: it cannot read
-# some such functions (IndexError) and writes others back with a closure built
-# from the wrong slot, so they are refused (see _rewrite.shadowed_names).
+# free variable of the same function gets a second, hidden slot with that
+# name.  On 3.13, bytecode 0.19 confuses the two slots: it cannot read some
+# such functions (IndexError) and writes others back with a closure built from
+# the wrong slot, so they are refused (see _rewrite.shadowed_names).
 SHADOWED_SLOTS_UNSAFE = PY313
 
 # Instructions that end a function normally.  RETURN_CONST arrived in 3.12

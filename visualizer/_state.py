@@ -229,9 +229,10 @@ class State:
                     cache.trim(key, storage.keep_last)
 
     def capture_failed(self, target, exc):
-        if target.qualname in self.failed:
+        seen = (target.qualname, type(exc).__name__)
+        if seen in self.failed:
             return
-        self.failed.add(target.qualname)
+        self.failed.add(seen)
         warnings.warn(
             "get_local: capturing {} failed and that call recorded nothing: {}: {}"
             .format(target.qualname, type(exc).__name__, exc),

@@ -49,10 +49,15 @@ def is_tensor(value):
 
 
 def tensor_to_numpy(tensor):
-    """Return a detached CPU NumPy copy of ``tensor``; half precisions become float32."""
+    """Return a detached CPU NumPy copy of ``tensor``; half precisions become float32.
+
+    A tensor on the meta device has no data to copy and is kept, detached.
+    """
     import torch  # only reached with a tensor in hand, so torch is imported already
 
     t = tensor.detach()
+    if t.device.type == "meta":
+        return t  # shapes without data (timm builds models there): nothing to copy
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
     if torch.jit.is_tracing():

@@ -38,3 +38,25 @@ def test_compiled_model_captures_real_values(gl):
     assert not hasattr(Attention.forward, "_torchdynamo_disable")
     torch.testing.assert_close(compiled(x), out)
     assert len(maps) == 2
+
+
+def test_fullgraph_compile_says_why_it_cannot_and_what_to_do(gl):
+    """A known limit: fullgraph=True forbids the graph break capture needs."""
+    torch = require("torch")
+    import pytest
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):
+            attn = (x @ x.transpose(-1, -2)).softmax(-1)
+            return attn @ x
+
+    gl.watch(Attention.forward, "attn")
+    compiled = torch.compile(torch.nn.Sequential(Attention()), backend="eager", fullgraph=True)
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(2, 4, 3))
+    message = str(info.value)
+    assert "get_local is capturing from" in message and "Attention.forward" in message
+    assert "get_local.deactivate()" in message and "without fullgraph" in message
+    gl.deactivate()  # and without capture, the same call compiles
+    torch._dynamo.reset()
+    compiled(torch.randn(2, 4, 3))

@@ -1,5 +1,6 @@
 """Side-by-side timing: variants interleaved round by round, summarised as ratios."""
 import gc
+import math
 import statistics
 import time
 
@@ -59,12 +60,13 @@ def quantile(values, q):
 
 def ratios(times, baseline):
     """Per variant: median ms, ratio to ``baseline`` (median of per-round ratios,
-    its 25-75% range, and min over min)."""
+    its ~95% confidence interval, its 25-75% range, and min over min)."""
     base = times[baseline]
     out = {}
     for name, values in times.items():
         per_round = [v / b for v, b in zip(values, base)]
         out[name] = {
+            "ci": median_ci(per_round),
             "median_ms": statistics.median(values) * 1e3,
             "min_ms": min(values) * 1e3,
             "ratio": statistics.median(per_round),
@@ -93,16 +95,27 @@ def e2e_table(stats, variants, baseline):
             variant.name,
             "{:.1f}".format(s["median_ms"]),
             "{:.3f}".format(s["ratio"]),
-            "{:.3f}-{:.3f}".format(s["ratio_p25"], s["ratio_p75"]),
+            "{:.3f}-{:.3f}".format(*s["ci"]),
             "{:.3f}".format(s["ratio_min"]),
         ])
     return markdown(["variant", "median ms", "x {} (median)".format(baseline),
-                     "x (25-75%)", "x (min/min)"], rows)
+                     "95% CI of the median", "x (min/min)"], rows)
+
+
+def median_ci(values, z=1.96):
+    """A distribution-free ~95% confidence interval of the median (order statistics)."""
+    v = sorted(values)
+    n = len(v)
+    half = z * math.sqrt(n) / 2
+    lo = max(0, int(math.floor(n / 2 - half)))
+    hi = min(n - 1, int(math.ceil(n / 2 + half)) - 1)
+    return v[lo], v[hi]
 
 
 def paired_ratio(times, a, b):
-    """Median over rounds of time(a) / time(b), both measured in the same round."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    """Time(a) / time(b) per round (both measured in the same round): (median, ci)."""
+    per_round = [x / y for x, y in zip(times[a], times[b])]
+    return statistics.median(per_round), median_ci(per_round)
 
 
 def check_maps(name, got, want, depth, atol=1e-5):

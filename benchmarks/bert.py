@@ -171,7 +171,7 @@ def run(cfg, anycapture, notes):
         "model": "SDPA model switched to eager while capturing" if switches else "eager model",
         "depth": depth,
         "stats": stats,
-        "gl_vs_eager": stats[GL]["ratio"],
+        "gl_vs_eager": (stats[GL]["ratio"], stats[GL]["ci"]),
         "gl_vs_hooks": paired_ratio(times, GL, HOOKS),
         "gl_vs_output": paired_ratio(times, GL, OUTPUT),
         "rounds": cfg["bert_rounds"],

@@ -187,7 +187,7 @@ def run(cfg, model_name, anycapture, notes):
         "how": how,
         "depth": depth,
         "stats": stats,
-        "gl_vs_eager": stats[GL]["ratio"],
+        "gl_vs_eager": (stats[GL]["ratio"], stats[GL]["ci"]),
         "gl_vs_hooks": paired_ratio(times, GL, HOOKS),
         "gl_graph_vs_hooks_keep": paired_ratio(times, GL_GRAPH, HOOKS_KEEP),
         "rounds": cfg["vit_rounds"],

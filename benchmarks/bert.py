@@ -19,6 +19,7 @@ HOOKS = "forward hooks, NumPy copies"
 HOOKS_KEEP = "forward hooks, tensors (no copy)"
 OUTPUT = "output_attentions=True (eager model)"
 ANY = "anycapture 0.1.4 (eager model)"
+COPIES = "the NumPy copies alone, no forward"
 
 TEXT = ("Attention maps show which tokens a transformer reads when it builds the "
         "representation of each token, layer after layer and head after head. ")
@@ -51,6 +52,10 @@ def run(cfg, anycapture, notes):
     depth = len(layers)
 
     store = []
+    copy_sources = []  # the reference maps as tensors, for timing their copies alone
+
+    def run_copies():
+        [t.numpy().copy() for t in copy_sources]
 
     def hooks(copy_to_numpy):
         handles = []
@@ -125,12 +130,15 @@ def run(cfg, anycapture, notes):
 
         variants.append(Variant(ANY, run_any, any_enter, any_exit))
 
+    variants.append(Variant(COPIES, run_copies))
+
     with torch.no_grad():
         reference_out = eager(**enc).last_hidden_state
         enter, exit = hooks(True)
         enter()
         eager(**enc)
         reference = list(store)
+        copy_sources.extend(torch.from_numpy(a.copy()) for a in reference)
         exit()
         check_maps(HOOKS, reference, reference, depth)
         enter, exit = configure()

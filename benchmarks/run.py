@@ -18,7 +18,7 @@ FULL = {
     "batch": 8,
     "vit_kwargs": {},
     "warmup": 1,
-    "vit_s_rounds": 20,
+    "vit_s_rounds": 30,
     "vit_b_rounds": 8,
     "bert_tokens": 128,
     "bert_rounds": 15,

@@ -27,6 +27,7 @@ HOOKS_KEEP = "forward hooks, tensors (no copy)"
 AE_FX = "AttentionExtract method='fx'"
 AE_HOOK = "AttentionExtract method='hook'"
 ANY = "anycapture 0.1.4 (eager model)"
+COPIES = "the NumPy copies alone, no forward"
 
 
 def run(cfg, model_name, anycapture, notes):
@@ -54,6 +55,10 @@ def run(cfg, model_name, anycapture, notes):
     x = torch.randn(cfg["batch"], 3, size, size)
 
     store = []
+    copy_sources = []  # the reference maps as tensors, for timing their copies alone
+
+    def run_copies():
+        [t.numpy().copy() for t in copy_sources]
 
     def hooks(copy_to_numpy):
         handles = []
@@ -138,6 +143,8 @@ def run(cfg, model_name, anycapture, notes):
 
         variants.append(Variant(ANY, run_any, any_enter, any_exit))
 
+    variants.append(Variant(COPIES, run_copies))
+
     with torch.no_grad():
         # Correctness gate: every capture equals the hooks' copies before anything is timed.
         reference_out = eager(x)
@@ -145,6 +152,7 @@ def run(cfg, model_name, anycapture, notes):
         enter()
         eager(x)
         reference = list(store)
+        copy_sources.extend(torch.from_numpy(a.copy()) for a in reference)
         exit()
         check_maps("forward hooks", reference, reference, depth)
 

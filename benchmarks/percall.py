@@ -190,18 +190,40 @@ def decoration(cfg, anycapture, notes):
                     for f in functions:
                         get_local.unwatch(f)
         results[label] = (same, {k: min(v) for k, v in times.items()})
+    # Switching: what activate() + deactivate() cost with the presets watched,
+    # paid again by every `with get_local.capture():` block.
+    _env.watch_timm(get_local)
+    n_watched = len(get_local.watched())
+    switch = []
+    scope = []
+    for _ in range(cfg["decorate_rounds"]):
+        start = timeit.default_timer()
+        get_local.activate()
+        get_local.deactivate()
+        switch.append((timeit.default_timer() - start) * 1e6)
+        start = timeit.default_timer()
+        with get_local.capture():
+            pass
+        scope.append((timeit.default_timer() - start) * 1e6)
     table = []
     for label, (same, per_kind) in results.items():
         for kind, us in per_kind.items():
             table.append([label, kind, "{:.1f}".format(us),
                           ("yes" if same else "NO") if kind == "get_local, inactive" else ""])
+    switch_label = "switching, {} functions watched (presets)".format(n_watched)
+    table.append([switch_label, "activate() + deactivate()", "{:.1f}".format(min(switch)), ""])
+    table.append([switch_label, "empty `with get_local.capture():`", "{:.1f}".format(min(scope)),
+                  ""])
     notes.append(
         "Decoration: microseconds to decorate one function (minimum over {} rounds of {} "
         "fresh functions each, every one with its own code object). Inactive get_local only "
         "registers the function; active get_local also rewrites and installs the code; "
         "anycapture always rewrites and wraps.".format(cfg["decorate_rounds"],
                                                        cfg["decorate_n"]))
-    text = markdown(["decorating", "how", "us per function", "returns the function itself"],
+    text = markdown(["decorating", "how", "us per function (or per switch)",
+                     "returns the function itself"],
                     table)
     summary = {label: {"same": same, **per_kind} for label, (same, per_kind) in results.items()}
+    summary["switch_us"] = min(switch)
+    summary["scope_us"] = min(scope)
     return text, summary

@@ -160,7 +160,7 @@ def _targets(s, cfg):
     rows = []
     dec = s.get("decorate")
     if dec:
-        same = all(v["same"] for v in dec.values())
+        same = all(v["same"] for v in dec.values() if isinstance(v, dict))
         rows.append(["inactive: the function object itself (zero)",
                      "decorator returns f, f.__code__ unchanged: {}".format(
                          "yes" if same else "NO"), "met" if same else "MISSED"])

@@ -84,7 +84,7 @@ def main(argv=None):
         print("### " + title + "\n\n" + text + "\n", flush=True)
         summaries[key] = summary
 
-    torch = _env.setup_torch()
+    _env.setup_torch()
     header = _env.describe_machine(args.anycapture_dir)
     anycapture, why_not = _env.load_anycapture(args.anycapture_dir)
     if anycapture is None:
@@ -129,7 +129,6 @@ def main(argv=None):
         print()
     print("total time: {:.0f} s; load average at the end: {}".format(
         time.perf_counter() - started, _env.load_average()))
-    del torch
     if failed:
         print("FAILED sections: " + ", ".join(failed))
         return 1

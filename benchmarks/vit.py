@@ -33,7 +33,6 @@ COPIES = "the NumPy copies alone, no forward"
 def run(cfg, model_name, anycapture, notes):
     """Return (markdown table, summary dict) for ``model_name`` at ``cfg`` sizes."""
     torch = _env.setup_torch()
-    import numpy as np
     import timm
     from timm.layers.attention import Attention
     from timm.utils import AttentionExtract

@@ -524,3 +524,35 @@ def test_a_key_deleted_by_the_user_comes_back(gl):
     f(2)
     A().method(2)
     assert gl.cache == {f.__qualname__: [2], A.method.__qualname__: [2]}
+
+
+def test_switching_reuses_the_rewritten_code(gl):
+    def f(a):
+        x = a
+        return x
+
+    gl("x")(f)
+    rewritten = f.__code__
+    gl.deactivate()
+    gl.activate()
+    assert f.__code__ is rewritten  # no second rewrite: switching costs an assignment
+    with gl.capture():
+        assert f.__code__ is rewritten
+
+
+def test_a_discarded_get_local_stops_capturing():
+    import gc
+
+    instance = GetLocal()
+
+    def f(a):
+        x = a
+        return x
+
+    original = f.__code__
+    instance("x")(f)
+    instance.activate()
+    assert f.__code__ is not original
+    del instance
+    gc.collect()
+    assert f.__code__ is original

@@ -6,6 +6,7 @@ run-time machinery there and the code rewriting in ``_rewrite``.
 """
 import contextlib
 import types
+import weakref
 
 from . import _resolve, _rewrite, _store
 from ._errors import VisualizerTypeError, VisualizerValueError
@@ -38,6 +39,8 @@ class GetLocal:
 
     def __init__(self):
         self._state = State()
+        # When this object goes, capture stops and the state's cycles are broken.
+        weakref.finalize(self, self._state.close)
 
     # -- the decorator --------------------------------------------------------
 

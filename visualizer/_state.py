@@ -54,20 +54,17 @@ class Target:
             self.rewritten = None
 
     def rewritten_code(self):
-        """The rewritten code, made again if no function holds it any more.
+        """The rewritten code, made on first use and kept while the target lives.
 
-        Only a weak reference is kept: the code's constants hold the recorders,
-        which hold the state, and code objects are not tracked by the cycle
-        collector, so a strong reference here would keep every discarded
-        ``GetLocal`` alive forever.
+        The code's constants hold the recorders, which hold the state, and code
+        objects are not tracked by the cycle collector: ``State.close`` breaks
+        that cycle when its ``GetLocal`` is discarded.
         """
-        code = self.rewritten() if self.rewritten is not None else None
-        if code is None:
-            code = _rewrite.rewrite(
+        if self.rewritten is None:
+            self.rewritten = _rewrite.rewrite(
                 self.code, self.names, make_record(self.state, self), self.record_locals,
                 source=self.source, overrides=self.overrides)
-            self.rewritten = weakref.ref(code)
-        return code
+        return self.rewritten
 
     def record_locals(self, frame_locals):
         """Called with ``locals()`` at returns where some name may be unbound."""
@@ -192,7 +189,7 @@ class State:
         self.lock = threading.RLock()
         self.store_lock = threading.Lock()
         self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
-        self.by_rewritten = {}  # id(rewritten code) -> (weak ref to that code, Target)
+        self.by_rewritten = {}  # id(rewritten code) -> (that code, Target)
         self.dynamo_hook = False
         self.jit = _torch.JitGuard(self.is_captured)
         self.jit_hook = False
@@ -245,15 +242,15 @@ class State:
         target = self.targets.get(id(code))
         if target is not None and target.code is code:
             return target
-        ref_and_target = self.by_rewritten.get(id(code))
-        if ref_and_target is not None and ref_and_target[0]() is code:
-            return ref_and_target[1]
+        code_and_target = self.by_rewritten.get(id(code))
+        if code_and_target is not None and code_and_target[0] is code:
+            return code_and_target[1]
         return None
 
     def install(self, target, function):
         if self.target_of(function.__code__) is target:
             new = target.rewritten_code()
-            self.by_rewritten[id(new)] = (weakref.ref(new, self._forget), target)
+            self.by_rewritten[id(new)] = (new, target)
             function.__code__ = new
             if not _torch.mark(function, new) and not self.dynamo_hook:
                 # Mark later, if torch.compile turns up while we are installed.
@@ -282,11 +279,20 @@ class State:
         if self.active:
             self.jit.on(torch)
 
-    def _forget(self, ref):
-        """Drop the entry of a rewritten code object that no function holds any more."""
-        for key, (other, _) in list(self.by_rewritten.items()):
-            if other is ref:
-                del self.by_rewritten[key]
+    def close(self):
+        """Capture off for good and forget every target (its ``GetLocal`` is gone).
+
+        Rewritten code objects hold the recorders, which hold this state, and
+        the cycle collector does not track code objects: without this, every
+        discarded ``GetLocal`` would stay alive forever.
+        """
+        with self.lock:
+            self.set_active(False)
+            for target in self.targets.values():
+                target.rewritten = None
+            self.targets.clear()
+            self.by_rewritten.clear()
+            self.switches.clear()
 
     def mark_installed(self, module=None):
         """Mark every installed rewritten code for torch.compile (see ``_torch``)."""
@@ -322,8 +328,7 @@ class State:
             target.add_overrides(overrides)
             if self.active:
                 try:
-                    # Kept in a local, so the install below reuses this code object.
-                    rewritten = target.rewritten_code()  # noqa: F841
+                    target.rewritten_code()
                 except VisualizerError:
                     target.names, target.keys, target.overrides, target.rewritten = saved
                     raise
@@ -350,6 +355,7 @@ class State:
                 del self.targets[id(target.code)]
                 for key in [k for k, (_, t) in self.by_rewritten.items() if t is target]:
                     del self.by_rewritten[key]
+                target.rewritten = None  # its code holds our recorders: break the cycle
             return True
 
     def add_switch(self, on, off):

@@ -132,3 +132,19 @@ def check_maps(name, got, want, depth, atol=1e-5):
         if not np.allclose(g, w, rtol=1e-5, atol=atol):
             raise AssertionError("{}: map {} differs from the reference by up to {:.3g}".format(
                 name, i, float(np.abs(g - w).max())))
+
+
+def capture_switch(get_local, **kwargs):
+    """``(enter, exit)`` for a variant: capture on with these storage settings, then off."""
+    saved = {}
+
+    def enter():
+        saved.update(get_local.configure(**kwargs))
+        get_local.activate()
+
+    def exit():
+        get_local.deactivate()
+        get_local.configure(**saved)
+        get_local.clear()
+
+    return enter, exit

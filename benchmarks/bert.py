@@ -9,7 +9,8 @@ end of each batch.
 import types
 
 from . import _env
-from ._timing import Variant, check_maps, e2e_table, interleave, paired_ratio, ratios
+from ._timing import (Variant, capture_switch, check_maps, e2e_table, interleave,
+                      paired_ratio, ratios)
 
 EAGER = "eager forward (no capture)"
 FUSED = "SDPA forward (default, no capture)"
@@ -81,17 +82,7 @@ def run(cfg, anycapture, notes):
         store.clear()
 
     def configure(**kwargs):
-        saved = {}
-
-        def enter():
-            saved.update(get_local.configure(**kwargs))
-            get_local.activate()
-
-        def exit():
-            get_local.deactivate()
-            get_local.configure(**saved)
-            get_local.clear()
-        return enter, exit
+        return capture_switch(get_local, **kwargs)
 
     def run_get_local():
         captured_model(**enc)

@@ -15,7 +15,8 @@ import copy
 import types
 
 from . import _env
-from ._timing import Variant, check_maps, e2e_table, interleave, paired_ratio, ratios
+from ._timing import (Variant, capture_switch, check_maps, e2e_table, interleave,
+                      paired_ratio, ratios)
 
 EAGER = "eager forward (no capture)"
 FUSED = "fused forward (no capture)"
@@ -82,17 +83,7 @@ def run(cfg, model_name, anycapture, notes):
         store.clear()
 
     def configure(**kwargs):
-        saved = {}
-
-        def enter():
-            saved.update(get_local.configure(**kwargs))
-            get_local.activate()
-
-        def exit():
-            get_local.deactivate()
-            get_local.configure(**saved)
-            get_local.clear()
-        return enter, exit
+        return capture_switch(get_local, **kwargs)
 
     def run_get_local():
         fused(x)

@@ -140,20 +140,27 @@ def _select_head(attn, head):
     return attn[head]
 
 
-def _parse_grid(grid):
-    """Return ``(rows, cols)`` from an int (square grid) or a ``(rows, cols)`` pair."""
-    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
-        rows = cols = int(grid)
+def _parse_pair(value, expected, name):
+    """Return a pair of positive ints from an int (both the same) or a pair.
+
+    ``expected`` describes the accepted forms and ``name`` the value, for errors.
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        first = second = int(value)
     else:
         try:
-            rows, cols = (int(g) for g in grid)
+            first, second = (int(v) for v in value)
         except (TypeError, ValueError):
             raise VisualizerTypeError(
-                "expected grid as an int or a (rows, cols) pair, got {!r}".format(grid)
-            ) from None
-    if rows <= 0 or cols <= 0:
-        raise VisualizerValueError("expected a positive patch grid, got grid={!r}".format(grid))
-    return rows, cols
+                "expected {} as {}, got {!r}".format(name, expected, value)) from None
+    if first <= 0 or second <= 0:
+        raise VisualizerValueError("expected a positive {}, got {!r}".format(name, value))
+    return first, second
+
+
+def _parse_grid(grid):
+    """Return ``(rows, cols)`` from an int (square grid) or a ``(rows, cols)`` pair."""
+    return _parse_pair(grid, "an int or a (rows, cols) pair", "patch grid")
 
 
 def _grid(grid, num_tokens, num_prefix_tokens):
@@ -506,17 +513,8 @@ def model_input_image(
         interpolation = config.get("interpolation", interpolation) or interpolation
         crop_mode = config.get("crop_mode", crop_mode) or crop_mode
         mean = tuple(config.get("mean", mean))
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        crop_h = crop_w = int(size)
-    else:
-        try:
-            crop_h, crop_w = (int(s) for s in size)
-        except (TypeError, ValueError):
-            raise VisualizerTypeError(
-                "expected size as an int, a (height, width) pair or a timm data config, got {!r}".format(size)
-            ) from None
-    if crop_h <= 0 or crop_w <= 0:
-        raise VisualizerValueError("expected a positive size, got {!r}".format(size))
+    crop_h, crop_w = _parse_pair(
+        size, "an int, a (height, width) pair or a timm data config", "size")
     if crop_mode not in ("center", "squash", "border"):
         raise VisualizerValueError(
             "unknown crop_mode {!r}: use 'center', 'squash' or 'border'".format(crop_mode)

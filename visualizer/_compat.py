@@ -6,7 +6,6 @@ and the branches that name it.
 """
 import sys
 
-PY39 = sys.version_info >= (3, 9)
 PY311 = sys.version_info >= (3, 11)
 PY312 = sys.version_info >= (3, 12)
 PY313 = sys.version_info >= (3, 13)

@@ -49,7 +49,7 @@ import weakref
 from . import _imports
 from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
 
-__all__ = ["FAMILIES", "Watch", "watch_attention", "unwatch_attention"]
+__all__ = ["FAMILIES", "TRANSFORMERS_FAMILIES", "Watch", "watch_attention", "unwatch_attention"]
 
 
 class Watch:

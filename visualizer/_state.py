@@ -215,7 +215,7 @@ class State:
         # leaves the lists of a multi-name capture aligned.
         prepared = [storage.prepare(key, value) for key, value in zip(keys, values)]
         cache = self.cache
-        ref = _store.source_ref(source) if target.source is not None else _store._NO_SOURCE
+        ref = _store.source_ref(source) if target.source is not None else _store.NO_SOURCE
         # One lock for the appends of one call, so that calls from other threads
         # cannot interleave between the lists of several names, or between a
         # value and its source.

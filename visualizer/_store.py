@@ -26,7 +26,7 @@ from ._errors import VisualizerTypeError, VisualizerValueError
 
 KINDS = ("numpy", "tensor", "graph", "none")
 
-_NO_SOURCE = object()
+NO_SOURCE = object()
 
 # Types known not to be tensors; the fast path of the recorder looks here first.
 plain_types = set()
@@ -171,13 +171,13 @@ class Cache(dict):
         super().__init__(*args, **kwargs)
         self.sources = {}
 
-    def add(self, key, value, source_ref=_NO_SOURCE):
+    def add(self, key, value, source_ref=NO_SOURCE):
         """Append ``value`` under ``key`` (and its source, when there is one)."""
         try:
             self[key].append(value)
         except KeyError:
             self.setdefault(key, []).append(value)
-        if source_ref is not _NO_SOURCE:
+        if source_ref is not NO_SOURCE:
             try:
                 self.sources[key].append(source_ref)
             except KeyError:

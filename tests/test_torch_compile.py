@@ -1,11 +1,20 @@
-"""Captured functions inside torch.compile: correct values or nothing, never a crash."""
+"""Captured functions inside torch.compile: the compiled model's real values, never a crash.
+
+References are independent of get_local: values computed by hand from the
+inputs, timm's ``AttentionExtract`` (hooks, fused attention off by hand) on
+the uncompiled model, and transformers' ``output_attentions=True``.
+"""
+import warnings
+
 import numpy as np
+import pytest
 
 from conftest import require
+from visualizer import CaptureWarning
 
 
-def test_compiled_model_captures_real_values(gl):
-    torch = require("torch")
+def small_model(torch):
+    """Two attention-like layers; the reference maps are computed by hand."""
 
     class Attention(torch.nn.Module):
         def forward(self, x):
@@ -20,43 +29,240 @@ def test_compiled_model_captures_real_values(gl):
         def forward(self, x):
             return self.second(self.first(x) * 2)
 
-    gl.watch(Attention.forward, "attn")
-    model = Model()
-    compiled = torch.compile(model)
-    x = torch.randn(2, 4, 3)
+    return Attention, Model()
+
+
+def by_hand(x):
     first = (x @ x.transpose(-1, -2)).softmax(-1)
     hidden = (first @ x) * 2
     second = (hidden @ hidden.transpose(-1, -2)).softmax(-1)
-    out = compiled(x)
-    torch.testing.assert_close(out, second @ hidden)
-    maps = gl.cache[Attention.forward.__qualname__]
-    assert len(maps) == 2
-    np.testing.assert_allclose(maps[0], first.numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(maps[1], second.numpy(), rtol=1e-6, atol=1e-7)
-    assert getattr(Attention.forward, "_torchdynamo_disable", False)
-    gl.deactivate()
-    assert not hasattr(Attention.forward, "_torchdynamo_disable")
-    torch.testing.assert_close(compiled(x), out)
-    assert len(maps) == 2
+    return first, second, second @ hidden
 
 
-def test_fullgraph_compile_says_why_it_cannot_and_what_to_do(gl):
-    """A known limit: fullgraph=True forbids the graph break capture needs."""
+@pytest.fixture
+def fresh_dynamo():
     torch = require("torch")
-    import pytest
+    torch._dynamo.reset()
+    yield torch
+    torch._dynamo.reset()
 
-    class Attention(torch.nn.Module):
-        def forward(self, x):
-            attn = (x @ x.transpose(-1, -2)).softmax(-1)
-            return attn @ x
+
+@pytest.fixture
+def compiles(fresh_dynamo):
+    """The names of the frames dynamo compiles during the test, in order."""
+    from torch._dynamo.convert_frame import register_bytecode_hook
+
+    seen = []
+    handle = register_bytecode_hook(lambda code, new_code: seen.append(code.co_name))
+    yield seen
+    handle.remove()
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_model_captures_real_values(gl, fresh_dynamo, fullgraph):
+    torch = fresh_dynamo
+    Attention, model = small_model(torch)
+    original = Attention.forward.__code__
+    gl.watch(Attention.forward, "attn")
+    compiled = torch.compile(model, fullgraph=fullgraph)  # inductor, the default
+    x = torch.randn(2, 4, 3)
+    first, second, want = by_hand(x)
+    out = compiled(x)
+    torch.testing.assert_close(out, want)
+    maps = gl.cache[Attention.forward.__qualname__]
+    assert len(maps) == 2 and all(isinstance(m, np.ndarray) for m in maps)
+    np.testing.assert_allclose(maps[0], first.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps[1], second.numpy(), rtol=1e-5, atol=1e-6)
+    compiled(x + 1)  # the same compiled graph, new values
+    np.testing.assert_allclose(maps[2], by_hand(x + 1)[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert len(maps) == 4
+
+    gl.deactivate()  # the graph that captures is dropped, and the original code compiled
+    assert Attention.forward.__code__ is original
+    torch.testing.assert_close(compiled(x), out)
+    assert len(maps) == 4
+
+
+def test_fullgraph_timm_vit_matches_attention_extract(gl, fresh_dynamo):
+    torch = fresh_dynamo
+    timm = require("timm")
+    from timm.utils import AttentionExtract
+
+    gl.deactivate()
+    gl.watch_attention()
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        plain = model(x)
+        with gl.capture() as cache:
+            out = compiled(x)
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-4)
+    captured = gl.by_module(model, cache)
+
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    with torch.no_grad():
+        reference = AttentionExtract(model, method="hook")(x)
+    reference = {k[: -len(".attn_drop")]: v for k, v in reference.items()}
+    assert sorted(captured) == sorted(reference) and len(reference) == 12
+    for name, maps in captured.items():
+        assert len(maps) == 1
+        np.testing.assert_allclose(maps[0], reference[name].numpy(), rtol=1e-4, atol=1e-5)
+    gl.unwatch_attention()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_fullgraph_training_step(gl, fresh_dynamo, backend):
+    """Backward through a compiled graph that captures: same gradients as eager."""
+    torch = fresh_dynamo
+    Attention, model = small_model(torch)
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    eager_out = model(x)
+    (eager_grad,) = torch.autograd.grad(eager_out.sum(), x)
 
     gl.watch(Attention.forward, "attn")
-    compiled = torch.compile(torch.nn.Sequential(Attention()), backend="eager", fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager_out)
+    torch.testing.assert_close(grad, eager_grad)
+    first, second, _ = by_hand(x.detach())
+    maps = gl.cache[Attention.forward.__qualname__]
+    np.testing.assert_allclose(maps[0], first.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps[1], second.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_capture_starts_and_stops_around_an_already_compiled_model(gl, fresh_dynamo, compiles):
+    """Dynamo does not guard on __code__: we make it compile again, both ways."""
+    torch = fresh_dynamo
+    Attention, model = small_model(torch)
+    gl.deactivate()
+    gl.watch(Attention.forward, "attn")
+    original = Attention.forward.__code__
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 4, 3)
+    compiled(x)  # compiled while capture is off: the original code
+    assert compiles == ["forward"] and not gl.cache
+
+    gl.activate()
+    compiled(x)
+    assert compiles == ["forward"] * 2  # compiled again, with capture
+    np.testing.assert_allclose(gl.cache[Attention.forward.__qualname__][0],
+                               by_hand(x)[0].numpy(), rtol=1e-5, atol=1e-6)
+    compiled(x)
+    assert len(compiles) == 2 and len(gl.cache[Attention.forward.__qualname__]) == 4
+
+    gl.deactivate()
+    assert Attention.forward.__code__ is original
+    compiled(x)
+    assert compiles == ["forward"] * 3  # compiled again, without
+    assert len(gl.cache[Attention.forward.__qualname__]) == 4
+    compiled(x)
+    assert len(compiles) == 3
+
+
+def test_several_names_and_a_source_in_a_full_graph(gl, fresh_dynamo):
+    torch = fresh_dynamo
+    Attention, model = small_model(torch)
+    gl.watch(Attention.forward, "attn", "x", source="self")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 3)
+    compiled(x)
+    first, second, _ = by_hand(x)
+    key = Attention.forward.__qualname__
+    np.testing.assert_allclose(gl.cache[key + ".attn"][1], second.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gl.cache[key + ".x"][0], x.numpy())
+    names = gl.by_module(model)
+    assert sorted(names) == ["first.attn", "first.x", "second.attn", "second.x"]
+    np.testing.assert_allclose(names["first.attn"][0], first.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(names["second.attn"][0], second.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_value_that_is_not_a_tensor(gl, fresh_dynamo):
+    """Captured eagerly at a graph break; with fullgraph=True, dynamo's error says why."""
+    torch = fresh_dynamo
+
+    class Scale(torch.nn.Module):
+        def forward(self, x):
+            n = x.shape[-1]
+            return x / n
+
+    gl.watch(Scale.forward, "n")
+    model = torch.nn.Sequential(Scale())
+    out = torch.compile(model, backend="eager")(torch.ones(2, 5))
+    torch.testing.assert_close(out, torch.full((2, 5), 0.2))
+    assert gl.cache[Scale.forward.__qualname__] == [5]
+
+    torch._dynamo.reset()  # else the cached graph, with its graph break, would run
     with pytest.raises(Exception) as info:
-        compiled(torch.randn(2, 4, 3))
+        torch.compile(model, backend="eager", fullgraph=True)(torch.ones(2, 5))
     message = str(info.value)
-    assert "get_local is capturing from" in message and "Attention.forward" in message
-    assert "get_local.deactivate()" in message and "without fullgraph" in message
-    gl.deactivate()  # and without capture, the same call compiles
-    torch._dynamo.reset()
-    compiled(torch.randn(2, 4, 3))
+    assert "get_local is capturing from" in message and "Scale.forward" in message
+    assert "not a tensor" in message and "get_local.deactivate()" in message
+
+
+def test_a_name_that_may_be_unbound(gl, fresh_dynamo):
+    """Returns where a name may be unbound pass locals(); compiled, the values stay right."""
+    torch = fresh_dynamo
+
+    class Gate(torch.nn.Module):
+        def forward(self, x, use):
+            if use:
+                gated = x.sigmoid()
+                return gated * x
+            return x
+
+    gl.watch(Gate.forward, "gated")
+    gate = Gate()
+    compiled = torch.compile(gate, backend="eager")
+    x = torch.randn(3)
+    compiled(x, True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(x, False)
+    assert [w.category for w in caught] == [CaptureWarning]
+    maps = gl.cache[Gate.forward.__qualname__]
+    assert len(maps) == 1
+    np.testing.assert_allclose(maps[0], x.sigmoid().numpy(), rtol=1e-6)
+
+
+def test_graph_storage_in_a_compiled_graph_warns(gl, fresh_dynamo):
+    """Tensors the compiled graph computed carry no autograd graph of the caller."""
+    torch = fresh_dynamo
+    Attention, model = small_model(torch)
+    gl.watch(Attention.forward, "attn")
+    gl.configure(store="graph")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    with pytest.warns(CaptureWarning, match="store='graph'"):
+        compiled(x)
+    maps = gl.cache[Attention.forward.__qualname__]
+    assert len(maps) == 2 and isinstance(maps[0], torch.Tensor)
+    torch.testing.assert_close(maps[0], by_hand(x.detach())[0])
+
+
+def test_bert_in_a_full_graph_matches_output_attentions(gl, fresh_dynamo):
+    torch = fresh_dynamo
+    transformers = require("transformers")
+    from test_presets import attention_key, load_minilm, reference_attentions
+
+    gl.deactivate()
+    gl.watch_attention()
+    tokenizer, model = load_minilm(transformers)
+    batch = tokenizer(["A short sentence.", "A second sentence that is a good deal longer."],
+                      padding=True, return_tensors="pt")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        with gl.capture() as cache:
+            compiled(**batch)
+        reference = reference_attentions(transformers, model, batch)
+    maps = cache[attention_key(transformers, "bert")]
+    assert len(maps) == len(reference) == 6
+    for got, want in zip(maps, reference):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+    assert list(gl.by_module(model, cache)) == [
+        "encoder.layer.{}.attention.self".format(i) for i in range(6)]
+    gl.unwatch_attention()

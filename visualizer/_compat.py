@@ -58,6 +58,15 @@ def call_ops(callable_op, args):
     return [callable_op] + list(arg_ops) + [("CALL_FUNCTION", n)]
 
 
+def load_global(name):
+    """Return the ``(opname, arg)`` pair that pushes a global (or builtin) ``name``.
+
+    From 3.11, ``LOAD_GLOBAL`` can also push a NULL; ``call_ops`` pushes its
+    own, so the flag is off.
+    """
+    return ("LOAD_GLOBAL", (False, name) if PY311 else name)
+
+
 def loaded_attribute(name, arg):
     """Return the attribute a plain ``obj.attr`` load reads, or None.
 

@@ -16,6 +16,11 @@ A return site gets one of two probes:
 * ``record_locals(locals())`` otherwise: ``locals()`` leaves an unbound name
   out instead of raising, and reads cells by value.
 
+The recorders (and ``locals``) are loaded either as constants of the new code
+or, given as ``Global(name)``, by name from the function's globals or
+builtins.  TorchDynamo (torch.compile) can trace code of the second kind, but
+not code whose constants hold functions.
+
 The recorders must never raise: an exception from them would surface inside
 the user's function, where a ``try`` of theirs could catch it.
 """
@@ -78,14 +83,38 @@ def missing_names(code, names):
     return out
 
 
-def rewrite(code, names, record, record_locals, source=None, overrides=None):
+class Global:
+    """Load a callable by this global (or builtin) name instead of as a constant."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError("Global needs an identifier, got {!r}".format(name))
+        self.name = name
+
+    def __repr__(self):
+        return "Global({!r})".format(self.name)
+
+
+def _push(callable_):
+    if isinstance(callable_, Global):
+        return _compat.load_global(callable_.name)
+    return ("LOAD_CONST", callable_)
+
+
+def rewrite(code, names, record, record_locals, source=None, overrides=None,
+            builtin_locals=locals):
     """Return a copy of ``code`` that reports ``names`` at every return.
 
     ``record`` is called as ``record(source_value, *values)`` (the source
     value only when ``source`` names an argument to pass along, typically
     ``self``) where every name is provably bound; elsewhere
     ``record_locals(locals())`` is called.  Both are stored in the new code's
-    constants.  ``names`` must all be locals of ``code`` (see
+    constants, or loaded by name when given as ``Global(name)``; so is
+    ``builtin_locals``, which must be the built-in ``locals`` (pass a
+    ``Global`` bound to it to keep every callable out of the constants).
+    ``names`` must all be locals of ``code`` (see
     ``missing_names``).  The result keeps the signature, names, flags, line
     numbers and free variables of ``code``.
 
@@ -121,10 +150,10 @@ def rewrite(code, names, record, record_locals, source=None, overrides=None):
         if isinstance(item, Instr) and item.name in _compat.RETURN_OPS and names:
             if bound[site]:
                 loads = [[_load(n, cells, frees)] for n in wanted]
-                ops = _compat.call_ops(("LOAD_CONST", record), loads)
+                ops = _compat.call_ops(_push(record), loads)
             else:
-                get_locals = _compat.call_ops(("LOAD_CONST", locals), [])
-                ops = _compat.call_ops(("LOAD_CONST", record_locals), [get_locals])
+                get_locals = _compat.call_ops(_push(builtin_locals), [])
+                ops = _compat.call_ops(_push(record_locals), [get_locals])
             ops.append(("POP_TOP", None))
             out.extend(_instr(op, arg, item.location) for op, arg in ops)
             site += 1

@@ -9,11 +9,20 @@ is off, runs exactly the code it was born with.  The recorders built by
 ``make_record`` are what rewritten code calls when it returns; they hand the
 values to ``State.capture``, which dispatches events and stores.
 
+Rewritten code finds its recorders by name, in the built-in namespace, under
+names no one else uses (``__visualizer_record_7__``), rather than among its
+constants: TorchDynamo cannot trace code whose constants hold functions (see
+``_torch``).  A name is bound while its code object lives, so a call still
+running old code after a rewrite still finds the recorder it was made for.
+
 The code rewriting itself is the pure function ``_rewrite.rewrite``; the
 public face is ``_get_local.GetLocal``.
 """
+import builtins
+import itertools
 import sys
 import threading
+import types
 import warnings
 import weakref
 
@@ -35,8 +44,17 @@ class Target:
         self.source = source
         self.overrides = {}
         self.rewritten = None
+        self.recorders = None  # (record, record_locals) of the rewritten code
+        self.bound = ()        # the built-in names the rewritten code loads them by
+        self.slot = None       # set by _torch.prepare for compiled graphs
+        self.compiled_in = weakref.WeakSet()  # code of frames dynamo compiled with ours inlined
         self.functions = weakref.WeakSet()
         self.warned = set()
+        _torch.note_code(code, self)
+
+    def runs(self, code):
+        """Whether ``code`` is this target's original code or one of its rewritten codes."""
+        return code is self.code or self.state.target_of(code) is self
 
     def add_names(self, names):
         """Capture ``names`` as well; the code is rewritten again on next install."""
@@ -56,28 +74,29 @@ class Target:
     def rewritten_code(self):
         """The rewritten code, made on first use and kept while the target lives.
 
-        The code's constants hold the recorders, which hold the state, and code
-        objects are not tracked by the cycle collector: ``State.close`` breaks
-        that cycle when its ``GetLocal`` is discarded.
+        Its recorders are bound in the built-in namespace until the code object
+        is gone; they hold the state, so ``State.close`` lets go of every
+        rewritten code when its ``GetLocal`` is discarded.
         """
         if self.rewritten is None:
-            self.rewritten = _rewrite.rewrite(
-                self.code, self.names, make_record(self.state, self), self.record_locals,
-                source=self.source, overrides=self.overrides)
+            record = make_record(self.state, self)
+            record_locals = make_record_locals(self)
+            bound = _bind(record, record_locals)
+            try:
+                code = _rewrite.rewrite(
+                    self.code, self.names, _rewrite.Global(bound[0]),
+                    _rewrite.Global(bound[1]), source=self.source,
+                    overrides=self.overrides, builtin_locals=_rewrite.Global(_LOCALS))
+            except BaseException:
+                _unbind(bound)
+                raise
+            weakref.finalize(code, _unbind, bound)
+            _torch.note_code(code, self)
+            self.recorders, self.bound = (record, record_locals), bound
+            if _torch.dynamo_loaded():
+                _torch.prepare(self, record, record_locals)
+            self.rewritten = code
         return self.rewritten
-
-    def record_locals(self, frame_locals):
-        """Called with ``locals()`` at returns where some name may be unbound."""
-        try:
-            missing = [n for n in self.names if n not in frame_locals]
-            if missing:
-                if self.state.active:
-                    self.warn_unbound(missing)
-                return
-            source = None if self.source is None else frame_locals.get(self.source)
-            self.state.capture(self, source, [frame_locals[n] for n in self.names])
-        except Exception as exc:  # never let a capture break the user's function
-            self.state.capture_failed(self, exc)
 
     def warn_unbound(self, missing):
         new = [n for n in missing if n not in self.warned]
@@ -97,6 +116,69 @@ class Target:
 
 
 _MISSING = object()
+
+_BUILTINS = builtins.__dict__
+_LOCALS = "__visualizer_locals__"  # the built-in locals(), under a name no module shadows
+_serial = itertools.count(1)
+_elsewhere = {}  # bound name -> other built-in namespaces it was also put in
+
+
+def _bind(record, record_locals):
+    """Put the recorders of one rewritten code in the built-in namespace; return the names."""
+    n = next(_serial)
+    names = ("__visualizer_record_{}__".format(n), "__visualizer_record_locals_{}__".format(n))
+    _BUILTINS.setdefault(_LOCALS, locals)
+    _BUILTINS[names[0]] = record
+    _BUILTINS[names[1]] = record_locals
+    return names
+
+
+def _unbind(names):
+    """Remove what ``_bind`` put (when the code that loads these names is gone)."""
+    for name in names:
+        _BUILTINS.pop(name, None)
+        for namespace in _elsewhere.pop(name, ()):
+            namespace.pop(name, None)
+
+
+def _bind_for(function, names):
+    """Also bind ``names`` where ``function`` looks up built-ins, if that is elsewhere.
+
+    Functions made with a ``__builtins__`` of their own (sandboxes, some
+    ``exec`` uses) do not see the interpreter's built-in namespace.
+    """
+    namespace = function.__globals__.get("__builtins__", builtins)
+    if isinstance(namespace, types.ModuleType):
+        namespace = namespace.__dict__
+    if namespace is _BUILTINS or not isinstance(namespace, dict):
+        return
+    for name in names:
+        namespace[name] = _BUILTINS[name]
+        _elsewhere.setdefault(name, []).append(namespace)
+    namespace.setdefault(_LOCALS, locals)
+
+
+def make_record_locals(target):
+    """Build the function rewritten code calls with ``locals()`` where a name may be unbound.
+
+    A name missing from the frame's locals means that call records nothing,
+    and the first time, a warning says why.
+    """
+    state = target.state
+
+    def record_locals(frame_locals):
+        try:
+            missing = [n for n in target.names if n not in frame_locals]
+            if missing:
+                if state.active:
+                    target.warn_unbound(missing)
+                return
+            source = None if target.source is None else frame_locals.get(target.source)
+            state.capture(target, source, [frame_locals[n] for n in target.names])
+        except Exception as exc:  # never let a capture break the user's function
+            state.capture_failed(target, exc)
+
+    return record_locals
 
 
 def _keys(qualname, names):
@@ -250,13 +332,15 @@ class State:
     def install(self, target, function):
         if self.target_of(function.__code__) is target:
             new = target.rewritten_code()
+            if function.__code__ is new:
+                return
             self.by_rewritten[id(new)] = (new, target)
+            _bind_for(function, target.bound)
             function.__code__ = new
-            if not _torch.mark(function, new) and not self.dynamo_hook:
-                # Mark later, if torch.compile turns up while we are installed.
-                self.dynamo_hook = True
-                _imports.when_imported("torch._dynamo.eval_frame",
-                                       _weakly(self, State.mark_installed))
+            if _torch.dynamo_loaded():
+                if not _torch.prepare(target, *target.recorders):
+                    _torch.mark(function, new)
+                _torch.recompile(target)
         else:
             warnings.warn(
                 "get_local: {} no longer runs the code it had when it was decorated "
@@ -294,11 +378,22 @@ class State:
             self.by_rewritten.clear()
             self.switches.clear()
 
-    def mark_installed(self, module=None):
-        """Mark every installed rewritten code for torch.compile (see ``_torch``)."""
+    def watch_dynamo(self):
+        """Follow torch.compile now if TorchDynamo is imported, else once it is."""
+        if _torch.dynamo_loaded():
+            _torch.watch_compiles()
+        elif not self.dynamo_hook:
+            self.dynamo_hook = True
+            _imports.when_imported("torch._dynamo", _weakly(self, State.dynamo_imported))
+
+    def dynamo_imported(self, module=None):
+        """Prepare every installed rewritten code for torch.compile (see ``_torch``)."""
+        _torch.watch_compiles()
         with self.lock:
             self.dynamo_hook = False
             for target in list(self.targets.values()):
+                if target.recorders is not None and _torch.prepare(target, *target.recorders):
+                    continue
                 for function in list(target.functions):
                     if self.target_of(function.__code__) is target and \
                             function.__code__ is not target.code:
@@ -309,6 +404,8 @@ class State:
         if code is not target.code and self.target_of(code) is target:
             function.__code__ = target.code
             _torch.unmark(function)
+            if _torch.dynamo_loaded():
+                _torch.recompile(target)
 
     def register(self, function, names, source, overrides=None):
         """Put ``function`` under capture of ``names``; install now if active.
@@ -323,6 +420,7 @@ class State:
             if created:
                 target = Target(self, code, function.__qualname__, names, source,
                                  function.__module__)
+                self.watch_dynamo()
             saved = (target.names, target.keys, dict(target.overrides), target.rewritten)
             target.add_names(names)
             target.add_overrides(overrides)

@@ -1,30 +1,280 @@
 """What torch's compilers need from capture; nothing here imports torch.
 
-* torch.compile: TorchDynamo cannot trace a code object whose constants hold
-  our recorder functions (it stops with "Cannot construct ConstantVariable").
-  Marked the way ``torch._dynamo.skip`` marks a function, a captured function
-  runs uncompiled inside a compiled model (a graph break at each call), so its
-  values are the real ones.  With ``fullgraph=True`` that graph break is an
-  error, and dynamo's message says why and what to do.  Marking happens only
-  once ``torch._dynamo`` is imported, by torch.compile or anyone else.
+* torch.compile: TorchDynamo traces the rewritten code like any other (the
+  rewrite loads its recorders by name, so its constants hold no functions).
+  When it reaches a recorder, dynamo traces ``traced`` instead (the
+  recorder's ``_torchdynamo_inline``, which dynamo itself uses to see through
+  wrappers): a call of the custom operator ``visualizer::record``, registered
+  as an ordered side effect, so that no compiler drops or reorders it.  The
+  compiled graph calls it at run time with the real tensors, and it hands
+  them to the state like an eager capture.  So captures work inside compiled
+  graphs, ``fullgraph=True`` and the inductor backend included, and give the
+  values the compiled model computed.  Where that cannot work (values that
+  are not tensors, names that may be unbound, or a torch without custom
+  operators or effects), the recorder runs eagerly, at a graph break: right
+  values again, and with ``fullgraph=True`` dynamo's error carries our reason.
 * TorchScript: ``torch.jit.script`` compiles a function from its source and
   ``torch.jit.trace`` records a graph; neither runs Python code afterwards, so
   nothing can be captured from the result.  While capture is on, both say so
   with a CaptureWarning when given something under capture.
 """
 import functools
+import itertools
 import sys
 import warnings
+import weakref
 
 from ._errors import CaptureWarning
 
 _MARK = "_torchdynamo_disable"
 _MESSAGE = "_torchdynamo_disable_msg"  # shown by dynamo when the graph break is an error
 _OURS = "__visualizer_marked__"
+_INLINE = "_torchdynamo_inline"  # dynamo traces this attribute's function instead
+
+_TARGETS = weakref.WeakValueDictionary()  # slot -> Target, for the operator at run time
+_SOURCES = weakref.WeakValueDictionary()  # id(source) -> source, noted while dynamo traces
+_slots = itertools.count(1)
+_support = None  # the helpers traced code calls once made, False if this torch cannot
+
+
+_CODES = weakref.WeakValueDictionary()  # id(code) -> Target, original and rewritten codes
+_watching = None  # the handle of our dynamo bytecode hook, False if this torch has none
+_compiled_unseen = False  # dynamo compiled frames we could not see into
+
+
+def dynamo_loaded():
+    """Whether TorchDynamo is imported (nothing to prepare for before that)."""
+    return hasattr(sys.modules.get("torch._dynamo"), "reset")
+
+
+def note_code(code, target):
+    """Remember that ``code`` belongs to ``target`` (see ``watch_compiles``)."""
+    _CODES[id(code)] = target
+
+
+def watch_compiles():
+    """From now on, note which frames dynamo compiles with code of a target inlined.
+
+    Dynamo does not guard on a function's ``__code__`` when it inlines a
+    method (nn.Module.forward), so a graph compiled before capture started
+    would go on running the original code, and one compiled while capturing
+    would go on capturing.  ``recompile`` drops exactly those frames when a
+    target's code changes.  Frames compiled before this runs are unknown:
+    the first change after it drops every compiled frame.
+    """
+    global _watching, _compiled_unseen
+    if _watching is not None:
+        return
+    try:
+        from torch._dynamo.convert_frame import register_bytecode_hook
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - every torch with dynamo has both
+        _watching = False
+        return
+    _compiled_unseen = bool(counters["frames"]["ok"])
+    _watching = register_bytecode_hook(_compiled)
+
+
+def _compiled(code, new_code):
+    """Dynamo's bytecode hook: ``code`` was just compiled; which targets did it trace?"""
+    global _compiled_unseen
+    try:
+        # The output graph of this compilation, in the caller's frame: it lists
+        # every code object traced, inlined ones included.
+        traced = sys._getframe(1).f_locals["output"].traced_code
+    except Exception:  # a torch that calls this hook differently
+        _compiled_unseen = True
+        return None
+    for traced_code in traced:
+        target = _CODES.get(id(traced_code))
+        if target is not None and target.runs(traced_code):
+            target.compiled_in.add(code)
+    return None
+
+
+def recompile(target):
+    """Make dynamo compile again the frames that inlined ``target``'s old code."""
+    global _compiled_unseen
+    torch = sys.modules["torch"]
+    if _compiled_unseen:
+        _compiled_unseen = False
+        torch.compiler.reset()
+        return
+    reset_code = sys.modules["torch._dynamo.eval_frame"].reset_code
+    for code in list(target.compiled_in):
+        reset_code(code)
+    target.compiled_in.clear()
+
+
+def prepare(target, record, record_locals):
+    """Make ``target``'s recorders traceable by dynamo; False if this torch cannot.
+
+    Called when dynamo is imported and whenever the recorders are rebuilt.
+    """
+    support = _compile_support()
+    if not support:
+        return False
+    if getattr(target, "slot", None) is None:
+        target.slot = next(_slots)
+        _TARGETS[target.slot] = target
+    setattr(record, _INLINE, support.traced_record(target, record))
+    setattr(record_locals, _INLINE, support.traced_record_locals(target, record_locals))
+    return True
+
+
+def deliver(slot, source_id, values):
+    """Run time of the operator: hand one call's tensors to their target's state."""
+    target = _TARGETS.get(slot)
+    if target is None:  # forgotten since this graph was compiled
+        return
+    state = target.state
+    try:
+        if not state.active:
+            return
+        # The compiled graph may reuse these buffers once the operator returns,
+        # and a transform or an event handler may keep a view: keep copies.
+        values = [v.detach().clone() for v in values]
+        if state.storage.kind == "graph" and "graph" not in target.warned:
+            target.warned.add("graph")
+            warnings.warn(
+                "get_local: {} ran inside a compiled graph, where store='graph' keeps "
+                "tensors without the caller's autograd graph (gradients do not reach "
+                "them). Capture from the eager model for gradient-weighted maps."
+                .format(target.qualname), CaptureWarning, stacklevel=2)
+        source = _SOURCES.get(source_id) if source_id else None
+        state.capture(target, source, values)
+    except Exception as exc:  # never let a capture break the user's model
+        state.capture_failed(target, exc)
+
+
+def _compile_support():
+    global _support
+    if _support is None:
+        try:
+            _support = _Support(sys.modules["torch"])
+        except Exception:  # an older torch: no custom operators or no effects
+            _support = False
+    return _support
+
+
+class _Support:
+    """The operator and the functions dynamo traces in place of our recorders."""
+
+    def __init__(self, torch):
+        from typing import List
+
+        from torch._dynamo.comptime import comptime
+
+        Tensor = torch.Tensor
+
+        def record(values: List[Tensor], slot: int, source: int) -> None:
+            deliver(slot, source, values)
+
+        self.op = _register(torch, record)
+        self.torch = torch
+        self.comptime = comptime
+
+    def traced_record(self, target, record):
+        eager = self.disable(record, target, "a value that is not a tensor")
+        if target.source is None:
+            emit = self.emitter(target, lambda source, values: eager(*values))
+
+            def traced(*values):
+                emit(None, values)
+        else:
+            emit = self.emitter(target, lambda source, values: eager(source, *values))
+
+            def traced(source, *values):
+                emit(source, values)
+        return traced
+
+    def traced_record_locals(self, target, record_locals):
+        names, source_name = target.names, target.source
+        eager = self.disable(record_locals, target, "a variable that may be unbound or "
+                             "is not a tensor")
+
+        def traced(frame_locals):
+            values = []
+            for name in names:
+                if name not in frame_locals:
+                    return eager(frame_locals)
+                values.append(frame_locals[name])
+            source = None if source_name is None else frame_locals.get(source_name)
+            emit(source, values)
+
+        emit = self.emitter(target, lambda source, values: eager(_as_locals(
+            names, source_name, source, values)))
+        return traced
+
+    def disable(self, function, target, what):
+        """``function``, run eagerly at a graph break, with our reason for fullgraph."""
+        return self.torch._dynamo.disable(function, reason=(
+            "visualizer's get_local is capturing from {} {}, which cannot be captured "
+            "inside a compiled graph, so it is captured eagerly at a graph break. With "
+            "fullgraph=True, stop capturing first (get_local.deactivate() or "
+            "get_local.unwatch), or capture a tensor bound on every path".format(
+                target.qualname, what)))
+
+    def emitter(self, target, eager):
+        """The traced body: the operator for tensors, else ``eager(source, values)``."""
+        op, Tensor, comptime, slot = self.op, self.torch.Tensor, self.comptime, target.slot
+
+        def emit(source, values):
+            for value in values:
+                if not isinstance(value, Tensor):
+                    return eager(source, values)
+            token = 0
+            if source is not None:
+                token = id(source)  # dynamo guards on it: this graph is for this source
+                comptime(_note_source)
+            op(list(values), slot, token)
+        return emit
+
+
+def _as_locals(names, source_name, source, values):
+    """The frame locals an eager ``record_locals`` needs, rebuilt from their values."""
+    frame_locals = dict(zip(names, values))
+    if source_name is not None:
+        frame_locals[source_name] = source
+    return frame_locals
+
+
+def _note_source(ctx):
+    """At compile time: remember the object the ``source`` local holds, by id."""
+    try:
+        variable = ctx.get_local("source")._i_will_not_complain_if_bc_breaks_VariableTracker()
+        obj = variable.get_real_python_backed_value()
+        _SOURCES[id(obj)] = obj
+    except Exception:  # not weakly referable, or a torch that changed: no source
+        pass
+
+
+def _register(torch, record):
+    """Register ``record`` as an ordered, effectful custom operator and return it."""
+    from torch._library.effects import EffectType
+
+    for n in itertools.count():
+        name = "visualizer::record" if n == 0 else "visualizer::record_{}".format(n)
+        try:
+            op = torch.library.custom_op(name, mutates_args=())(record)
+            break
+        except RuntimeError:  # registered by another copy of this module
+            if n > 20:
+                raise
+
+    @op.register_fake
+    def _(values, slot, source):
+        return None
+
+    op.register_effect(EffectType.ORDERED)  # kept, and kept in order, by every compiler
+    return op
 
 
 def mark(function, code):
-    """Tell dynamo to run ``code`` (installed on ``function``) without tracing it."""
+    """Tell dynamo to run ``code`` (installed on ``function``) without tracing it.
+
+    The fallback when this torch cannot trace captures (see ``prepare``).
+    """
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     if eval_frame is None:
         return False
@@ -33,9 +283,10 @@ def mark(function, code):
         setattr(function, _MARK, True)
         setattr(function, _MESSAGE, (
             "visualizer's get_local is capturing from {0}, which therefore runs eagerly, "
-            "outside the compiled graph. With fullgraph=True, stop capturing first "
-            "(get_local.deactivate() or get_local.unwatch), or compile without "
-            "fullgraph to capture from the compiled model".format(function.__qualname__)))
+            "outside the compiled graph (this torch has no effectful custom operators). "
+            "With fullgraph=True, stop capturing first (get_local.deactivate() or "
+            "get_local.unwatch), or compile without fullgraph to capture from the "
+            "compiled model".format(function.__qualname__)))
         function.__dict__[_OURS] = True
     return True
 

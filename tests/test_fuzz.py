@@ -770,7 +770,7 @@ def test_a_shadowed_free_variable_keeps_its_closure():
 
 
 LEAK_CHECK = """
-import gc, sys, weakref
+import builtins, gc, sys, weakref
 from visualizer._get_local import GetLocal
 assert "torch" not in sys.modules
 states = []
@@ -788,6 +788,8 @@ for i in range(50):
 gc.collect()
 alive = sum(ref() is not None for ref in states)
 assert alive == 0, "{} of 50 discarded GetLocal states are still alive".format(alive)
+bound = [n for n in vars(builtins) if n.startswith("__visualizer_record")]
+assert not bound, "recorder names left in builtins: {}".format(bound[:4])
 """
 
 

@@ -556,3 +556,25 @@ def test_a_discarded_get_local_stops_capturing():
     del instance
     gc.collect()
     assert f.__code__ is original
+
+
+def test_a_function_with_builtins_of_its_own(gl):
+    """Sandboxed code sees its own built-in namespace; its recorders are put there too."""
+    import builtins
+
+    sandbox = {"len": len}
+    namespace = {"__builtins__": sandbox}
+    exec("def f(x):\n    n = len(x)\n    return n\n", namespace)
+    f = namespace["f"]
+    gl("n")(f)
+    assert f("abc") == 3
+    assert gl.cache[f.__qualname__] == [3]
+    ours = [n for n in sandbox if n.startswith("__visualizer_record")]
+    assert len(ours) == 2 and all(n in vars(builtins) for n in ours)
+    gl.deactivate()
+    gl.unwatch(f)
+    import gc
+    gc.collect()
+    assert not [n for n in sandbox if n.startswith("__visualizer_record")]
+    assert not [n for n in ours if n in vars(builtins)]
+    assert f("abcd") == 4

@@ -26,11 +26,8 @@ MUST_CAPTURE = ("test_model_forward[", "test_model_backward[")
 # marked xfail(strict=True) in the peer run with the test in this file that
 # reproduces it; when the bug is fixed, the peer run fails until the entry goes.
 KNOWN_FAILURES = {
-    "test_swin_family_compile_resize_guards": (
-        "torch.compile(model, fullgraph=True) raises torch._dynamo.exc.Unsupported ('Skip "
-        "inlining torch.compiler.disable()d function WindowAttention.forward') while the "
-        "attention is watched: see test_compile_fullgraph_of_a_watched_model in "
-        "visualizer's tests/test_peer_timm.py"),
+    # Empty since torch.compile(fullgraph=True) traces captures (it failed
+    # test_swin_family_compile_resize_guards; see test_compile_fullgraph_of_a_watched_model).
 }
 
 
@@ -192,33 +189,32 @@ def test_the_plugin_fails_a_run_without_captures():
 
 # -- what the peer suite found -------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limit: a captured function runs eagerly inside torch.compile (a graph break: "
-    "TorchDynamo cannot trace code whose constants hold our recorders), and "
-    "fullgraph=True forbids graph breaks, so compiling fails with dynamo's Unsupported "
-    "error, whose message says to stop capturing or drop fullgraph. timm's "
-    "test_swin_family_compile_resize_guards, unchanged, fails under capture because of it"))
 def test_compile_fullgraph_of_a_watched_model(gl):
+    """timm's test_swin_family_compile_resize_guards failed under capture, before captures
+    could be traced: fullgraph=True forbade the graph break they were."""
     from conftest import require
 
     torch = require("torch")
-    import warnings
+    timm = require("timm")
+    np = require("numpy")
 
-    from visualizer import CaptureWarning
-
-    class Attention(torch.nn.Module):
-        def forward(self, x):
-            attn = (x @ x.transpose(-1, -2)).softmax(-1)
-            return attn @ x
-
-    gl.watch(Attention.forward, "attn")
-    model = torch.nn.Sequential(Attention(), Attention())
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    x = torch.randn(2, 4, 3)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = compiled(x)
-    torch.testing.assert_close(out, model(x))
-    # Either the compiled graph's attention is captured, or a warning says it is not.
-    captured = len(gl.cache.get(Attention.forward.__qualname__, [])) >= 4  # compiled + eager
-    assert captured or any(issubclass(w.category, CaptureWarning) for w in caught)
+    torch._dynamo.reset()
+    gl.deactivate()
+    gl.watch_attention()
+    try:
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+        x = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():
+            with gl.capture() as eager:
+                want = model(x)
+            compiled = torch.compile(model, backend="eager", fullgraph=True)
+            with gl.capture() as cache:
+                out = compiled(x)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        maps = cache["WindowAttention.forward"]
+        assert len(maps) == len(eager["WindowAttention.forward"]) == 12
+        for got, ref in zip(maps, eager["WindowAttention.forward"]):
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    finally:
+        gl.unwatch_attention()
+        torch._dynamo.reset()

@@ -402,6 +402,63 @@ def test_rewrite_is_pure():
     assert fn(3) == 3
 
 
+def test_global_recorders_leave_no_function_in_the_constants():
+    """What torch.compile needs: the recorders (and locals) loaded by name."""
+    import builtins
+    import types
+
+    fn = make("""
+        def f(a, flag):
+            if flag:
+                y = a
+            x = a + 1
+            return x
+        """)
+    seen = []
+    names = {"__rewrite_test_record__": lambda x: seen.append(("direct", x)),
+             "__rewrite_test_locals__": lambda d: seen.append(("locals", dict(d))),
+             "__rewrite_test_builtin_locals__": locals}
+    code = _rewrite.rewrite(fn.__code__, ("x",), _rewrite.Global("__rewrite_test_record__"),
+                            _rewrite.Global("__rewrite_test_locals__"),
+                            builtin_locals=_rewrite.Global("__rewrite_test_builtin_locals__"))
+    kinds = (types.FunctionType, types.BuiltinFunctionType, types.LambdaType)
+    assert not [c for c in code.co_consts if isinstance(c, kinds)]
+    assert "__rewrite_test_record__" in code.co_names
+    vars(builtins).update(names)
+    try:
+        fn.__code__ = code
+        assert fn(1, False) == 2
+    finally:
+        for name in names:
+            del vars(builtins)[name]
+    assert seen == [("direct", 2)]
+
+    fn2 = make("""
+        def g(a, flag):
+            if flag:
+                x = a
+            return a
+        """, "g")
+    code = _rewrite.rewrite(fn2.__code__, ("x",), _rewrite.Global("__rewrite_test_record__"),
+                            _rewrite.Global("__rewrite_test_locals__"),
+                            builtin_locals=_rewrite.Global("__rewrite_test_builtin_locals__"))
+    vars(builtins).update(names)
+    try:
+        fn2.__code__ = code
+        assert fn2(5, True) == 5 and fn2(6, False) == 6
+    finally:
+        for name in names:
+            del vars(builtins)[name]
+    assert seen[1] == ("locals", {"a": 5, "flag": True, "x": 5})
+    assert seen[2] == ("locals", {"a": 6, "flag": False})
+
+
+@pytest.mark.parametrize("bad", ["", "not a name", 3, None])
+def test_global_needs_an_identifier(bad):
+    with pytest.raises(ValueError, match="identifier"):
+        _rewrite.Global(bad)
+
+
 def test_missing_names_suggests_a_near_miss():
     fn = make("""
         def f(q, k):

@@ -266,3 +266,24 @@ def test_bert_in_a_full_graph_matches_output_attentions(gl, fresh_dynamo):
     assert list(gl.by_module(model, cache)) == [
         "encoder.layer.{}.attention.self".format(i) for i in range(6)]
     gl.unwatch_attention()
+
+
+def test_a_torch_without_effectful_custom_operators(gl, fresh_dynamo, monkeypatch):
+    """The fallback: captured functions run eagerly at a graph break, with the right values."""
+    torch = fresh_dynamo
+    from visualizer import _torch
+
+    monkeypatch.setattr(_torch, "_support", False)  # what _compile_support finds there
+    Attention, model = small_model(torch)
+    gl.watch(Attention.forward, "attn")
+    x = torch.randn(2, 4, 3)
+    first, second, want = by_hand(x)
+    torch.testing.assert_close(torch.compile(model, backend="eager")(x), want)
+    maps = gl.cache[Attention.forward.__qualname__]
+    np.testing.assert_allclose(maps[1], second.numpy(), rtol=1e-5, atol=1e-6)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(model, backend="eager", fullgraph=True)(x)
+    message = str(info.value)
+    assert "no effectful custom operators" in message and "get_local.deactivate()" in message

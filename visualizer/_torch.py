@@ -251,7 +251,10 @@ def _note_source(ctx):
 
 def _register(torch, record):
     """Register ``record`` as an ordered, effectful custom operator and return it."""
-    from torch._library.effects import EffectType
+    try:
+        from torch._library.effects import EffectType
+    except ImportError:  # pragma: no cover - torch releases before torch._library.effects
+        from torch._higher_order_ops.effects import _EffectType as EffectType
 
     for n in itertools.count():
         name = "visualizer::record" if n == 0 else "visualizer::record_{}".format(n)
@@ -266,7 +269,14 @@ def _register(torch, record):
     def _(values, slot, source):
         return None
 
-    op.register_effect(EffectType.ORDERED)  # kept, and kept in order, by every compiler
+    # Kept, and kept in order, by every compiler; before CustomOpDef.register_effect,
+    # effects were registered on the operator overload.
+    if hasattr(op, "register_effect"):
+        op.register_effect(EffectType.ORDERED)
+    else:  # pragma: no cover - torch releases before register_effect
+        from torch._higher_order_ops.effects import _register_effectful_op
+
+        _register_effectful_op(op._opoverload, EffectType.ORDERED)
     return op
 
 

@@ -143,7 +143,14 @@ def test_capture_starts_and_stops_around_an_already_compiled_model(gl, fresh_dyn
     gl.watch(Attention.forward, "attn")
     original = Attention.forward.__code__
     compiled = torch.compile(model, fullgraph=True, backend="eager")
+
+    def unrelated(x):
+        return x * 3
+
+    other = torch.compile(unrelated, backend="eager")
     x = torch.randn(2, 4, 3)
+    other(x)
+    compiles.remove("unrelated")
     compiled(x)  # compiled while capture is off: the original code
     assert compiles == ["forward"] and not gl.cache
 
@@ -161,7 +168,8 @@ def test_capture_starts_and_stops_around_an_already_compiled_model(gl, fresh_dyn
     assert compiles == ["forward"] * 3  # compiled again, without
     assert len(gl.cache[Attention.forward.__qualname__]) == 4
     compiled(x)
-    assert len(compiles) == 3
+    other(x)
+    assert len(compiles) == 3  # and only the frame that inlined Attention.forward
 
 
 def test_several_names_and_a_source_in_a_full_graph(gl, fresh_dynamo):
@@ -287,3 +295,45 @@ def test_a_torch_without_effectful_custom_operators(gl, fresh_dynamo, monkeypatc
         torch.compile(model, backend="eager", fullgraph=True)(x)
     message = str(info.value)
     assert "no effectful custom operators" in message and "get_local.deactivate()" in message
+
+
+FRAMES_COMPILED_FIRST = """
+import sys
+import torch
+from visualizer._get_local import GetLocal
+
+class Attention(torch.nn.Module):
+    def forward(self, x):
+        attn = (x @ x.transpose(-1, -2)).softmax(-1)
+        return attn @ x
+
+model = torch.nn.Sequential(Attention(), Attention())
+compiled = torch.compile(model, backend="eager", fullgraph=True)
+x = torch.randn(2, 4, 3)
+compiled(x)  # compiled before visualizer watches anything: dynamo knew nothing of us
+gl = GetLocal()
+gl.watch(Attention.forward, "attn")
+gl.activate()
+compiled(x)
+maps = gl.cache.get("Attention.forward", [])
+want = (x @ x.transpose(-1, -2)).softmax(-1)
+assert len(maps) == 2, len(maps)
+assert abs(maps[0] - want.numpy()).max() < 1e-6
+print("ok")
+"""
+
+
+def test_frames_compiled_before_visualizer_watched():
+    """Unknown compiled frames: the first switch drops them all (torch.compiler.reset)."""
+    require("torch")
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", FRAMES_COMPILED_FIRST], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout

@@ -66,13 +66,15 @@ def watch_compiles():
     if _watching is not None:
         return
     try:
-        from torch._dynamo.convert_frame import register_bytecode_hook
-        from torch._dynamo.utils import counters
-    except ImportError:  # pragma: no cover - every torch with dynamo has both
+        from torch._dynamo import convert_frame
+    except ImportError:  # pragma: no cover - every torch with dynamo has it
         _watching = False
         return
-    _compiled_unseen = bool(counters["frames"]["ok"])
-    _watching = register_bytecode_hook(_compiled)
+    # The compiled code objects dynamo still holds (``Tracker.seen_ids``);
+    # unknown in a torch without them, so assume some.
+    compiled = getattr(getattr(convert_frame, "output_codes", None), "seen_ids", None)
+    _compiled_unseen = compiled is None or bool(compiled)
+    _watching = convert_frame.register_bytecode_hook(_compiled)
 
 
 def _compiled(code, new_code):
@@ -111,6 +113,8 @@ def prepare(target, record, record_locals):
 
     Called when dynamo is imported and whenever the recorders are rebuilt.
     """
+    if getattr(record, _INLINE, None) is not None:
+        return True  # prepared when these recorders were made
     support = _compile_support()
     if not support:
         return False

@@ -323,8 +323,35 @@ print("ok")
 """
 
 
-def test_frames_compiled_before_visualizer_watched():
-    """Unknown compiled frames: the first switch drops them all (torch.compiler.reset)."""
+CAPTURING_BEFORE_TORCH_IS_IMPORTED = """
+import sys
+from visualizer._get_local import GetLocal
+
+def attention(x):
+    attn = (x @ x.transpose(-1, -2)).softmax(-1)
+    return attn @ x
+
+gl = GetLocal()
+gl.watch(attention, "attn")
+gl.activate()  # installed while torch (and dynamo) are not imported
+assert "torch" not in sys.modules
+import torch
+
+x = torch.randn(2, 4, 3)
+out = torch.compile(lambda x: attention(attention(x)), backend="eager", fullgraph=True)(x)
+maps = gl.cache["attention"]
+assert len(maps) == 2, len(maps)
+assert abs(maps[0] - (x @ x.transpose(-1, -2)).softmax(-1).numpy()).max() < 1e-6
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("script", [FRAMES_COMPILED_FIRST, CAPTURING_BEFORE_TORCH_IS_IMPORTED],
+                         ids=["frames compiled before visualizer watched",
+                              "capturing before torch is imported"])
+def test_orders_of_import_and_compile(script):
+    """Unknown compiled frames make the first switch drop them all (torch.compiler.reset);
+    recorders installed before dynamo is imported are prepared when it is."""
     require("torch")
     import os
     import subprocess
@@ -332,7 +359,7 @@ def test_frames_compiled_before_visualizer_watched():
 
     from conftest import ROOT
 
-    result = subprocess.run([sys.executable, "-c", FRAMES_COMPILED_FIRST], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             universal_newlines=True,
                             env=dict(os.environ, PYTHONPATH=ROOT))

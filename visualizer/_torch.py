@@ -1,4 +1,4 @@
-"""What torch's compilers need from capture; nothing here imports torch.
+"""What torch's compilers need from capture; nothing here imports torch itself.
 
 * torch.compile: TorchDynamo traces the rewritten code like any other (the
   rewrite loads its recorders by name, so its constants hold no functions).

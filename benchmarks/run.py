@@ -1,6 +1,6 @@
 """Run every benchmark side by side and print the tables of BENCHMARKS.md.
 
-    python -m benchmarks            # full sizes, about 15 minutes on 2 cores
+    python -m benchmarks            # full sizes, about 18 minutes on 2 cores
     python -m benchmarks --quick    # tiny sizes, every code path, under a minute
 
 Exits non-zero if any benchmark fails, including the correctness gate that
@@ -30,17 +30,21 @@ FULL = {
     "memory_batch": 32,
     "import_rounds": 5,
     "parallel_children": 1,
+    "compiled_rounds": 30,
+    "compiled_warmup": 2,
+    "compile_backend": "inductor",
 }
 
 QUICK = dict(FULL, batch=2, vit_kwargs={"depth": 2, "img_size": 32}, warmup=1,
              vit_s_rounds=2, vit_b_rounds=2, bert_tokens=16, bert_rounds=2,
              percall_number=2000, percall_rounds=2, decorate_n=4, decorate_rounds=1,
-             memory_batch=2, import_rounds=1, parallel_children=4)
+             memory_batch=2, import_rounds=1, parallel_children=4, compiled_rounds=2,
+             compiled_warmup=1, compile_backend="eager")
 
 # The same code as vit_s at tiny sizes; --quick leaves it out to stay fast.
 QUICK_SKIPS = {"vit_b"}
 
-SECTIONS = ["percall", "decorate", "vit_s", "vit_b", "bert", "memory", "imports"]
+SECTIONS = ["percall", "decorate", "vit_s", "vit_b", "bert", "compiled", "memory", "imports"]
 
 
 def _log(message):
@@ -94,7 +98,7 @@ def main(argv=None):
         if args.require_anycapture:
             failed.append("anycapture")
 
-    from . import bert, imports, memory, percall, vit
+    from . import bert, compiled, imports, memory, percall, vit
 
     size = "quick (tiny sizes, numbers meaningless)" if args.quick else "full"
     header.append("sizes: {}; batch {}".format(size, cfg["batch"]))
@@ -114,6 +118,9 @@ def main(argv=None):
             anycapture, notes)
     section("bert", "BERT (all-MiniLM-L6-v2), CPU, batch {}, {} tokens, {} rounds".format(
         cfg["batch"], cfg["bert_tokens"], cfg["bert_rounds"]), bert.run, cfg, anycapture, notes)
+    section("compiled", "ViT-S/16 under torch.compile ({}, fullgraph=True), CPU, batch {}, {} "
+            "rounds".format(cfg["compile_backend"], cfg["batch"], cfg["compiled_rounds"]),
+            compiled.run, cfg, notes)
     section("memory", "Peak memory, {} at batch {}".format(
         "ViT-B/16" if not args.quick else "tiny ViT", cfg["memory_batch"]),
         memory.run, cfg, notes)
@@ -188,6 +195,12 @@ def _targets(s, cfg):
                          _ratio(v["gl_vs_eager"]), ""])
             rows.append(["{} capture, x hooks (no target)".format(label),
                          _ratio(v["gl_vs_hooks"]), ""])
+    c = s.get("compiled")
+    if c:
+        rows.append(["ViT-S/16 compiled, capture x compiled fused (no target)",
+                     _ratio(c["gl_vs_fused"]), ""])
+        rows.append(["ViT-S/16 compiled, capture x compiled fused_attn=False (no target)",
+                     _ratio(c["gl_vs_unfused"]), ""])
     if not rows:
         return ""
     return markdown(["target", "this run (median of per-round ratios)", "verdict"], rows)

@@ -136,8 +136,10 @@ def deliver(slot, source_id, values):
         if not state.active:
             return
         # The compiled graph may reuse these buffers once the operator returns,
-        # and a transform or an event handler may keep a view: keep copies.
-        values = [v.detach().clone() for v in values]
+        # and a transform, an event handler or a storage that keeps tensors may
+        # keep a view: give them copies.  The default storage copies anyway.
+        if not state.fast:
+            values = [v.detach().clone() for v in values]
         if state.storage.kind == "graph" and "graph" not in target.warned:
             target.warned.add("graph")
             warnings.warn(

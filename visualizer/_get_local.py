@@ -39,7 +39,7 @@ class GetLocal:
 
     def __init__(self):
         self._state = State()
-        # When this object goes, capture stops and the state's cycles are broken.
+        # When this object goes, capture stops and the state lets go of its code.
         weakref.finalize(self, self._state.close)
 
     # -- the decorator --------------------------------------------------------

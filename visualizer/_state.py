@@ -366,9 +366,9 @@ class State:
     def close(self):
         """Capture off for good and forget every target (its ``GetLocal`` is gone).
 
-        Rewritten code objects hold the recorders, which hold this state, and
-        the cycle collector does not track code objects: without this, every
-        discarded ``GetLocal`` would stay alive forever.
+        The built-in namespace holds the recorders, which hold this state, for
+        as long as their rewritten code lives, and the targets hold that code:
+        without this, every discarded ``GetLocal`` would stay alive forever.
         """
         with self.lock:
             self.set_active(False)
@@ -453,7 +453,7 @@ class State:
                 del self.targets[id(target.code)]
                 for key in [k for k, (_, t) in self.by_rewritten.items() if t is target]:
                     del self.by_rewritten[key]
-                target.rewritten = None  # its code holds our recorders: break the cycle
+                target.rewritten = None  # its code keeps our recorders bound: let it go
             return True
 
     def add_switch(self, on, off):

@@ -154,6 +154,7 @@ def deliver(slot, source_id, values):
 
 
 def _compile_support():
+    """The ``_Support`` of this torch, made once; False if it has no effectful custom ops."""
     global _support
     if _support is None:
         try:

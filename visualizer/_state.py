@@ -93,8 +93,6 @@ class Target:
             weakref.finalize(code, _unbind, bound)
             _torch.note_code(code, self)
             self.recorders, self.bound = (record, record_locals), bound
-            if _torch.dynamo_loaded():
-                _torch.prepare(self, record, record_locals)
             self.rewritten = code
         return self.rewritten
 
@@ -336,9 +334,11 @@ class State:
                 return
             self.by_rewritten[id(new)] = (new, target)
             _bind_for(function, target.bound)
+            dynamo = _torch.dynamo_loaded()
+            traceable = dynamo and _torch.prepare(target, *target.recorders)
             function.__code__ = new
-            if _torch.dynamo_loaded():
-                if not _torch.prepare(target, *target.recorders):
+            if dynamo:
+                if not traceable:
                     _torch.mark(function, new)
                 _torch.recompile(target)
         else:

@@ -111,10 +111,10 @@ def recompile(target):
 def prepare(target, record, record_locals):
     """Make ``target``'s recorders traceable by dynamo; False if this torch cannot.
 
-    Called when dynamo is imported and whenever the recorders are rebuilt.
+    Called before rewritten code is installed, and for installed code when dynamo is imported.
     """
     if getattr(record, _INLINE, None) is not None:
-        return True  # prepared when these recorders were made
+        return True  # these recorders are prepared already
     support = _compile_support()
     if not support:
         return False
@@ -183,15 +183,16 @@ class _Support:
 
     def traced_record(self, target, record):
         eager = self.disable(record, target, "a value that is not a tensor")
+        emit, tensors = self.emitter(target), self.tensors
         if target.source is None:
-            emit = self.emitter(target, lambda source, values: eager(*values))
-
             def traced(*values):
+                if not tensors(values):
+                    return eager(*values)
                 emit(None, values)
         else:
-            emit = self.emitter(target, lambda source, values: eager(source, *values))
-
             def traced(source, *values):
+                if not tensors(values):
+                    return eager(source, *values)
                 emit(source, values)
         return traced
 
@@ -199,6 +200,7 @@ class _Support:
         names, source_name = target.names, target.source
         eager = self.disable(record_locals, target, "a variable that may be unbound or "
                              "is not a tensor")
+        emit, tensors = self.emitter(target), self.tensors
 
         def traced(frame_locals):
             values = []
@@ -206,11 +208,9 @@ class _Support:
                 if name not in frame_locals:
                     return eager(frame_locals)
                 values.append(frame_locals[name])
-            source = None if source_name is None else frame_locals.get(source_name)
-            emit(source, values)
-
-        emit = self.emitter(target, lambda source, values: eager(_as_locals(
-            names, source_name, source, values)))
+            if not tensors(values):
+                return eager(frame_locals)
+            emit(None if source_name is None else frame_locals.get(source_name), values)
         return traced
 
     def disable(self, function, target, what):
@@ -222,28 +222,24 @@ class _Support:
             "get_local.unwatch), or capture a tensor bound on every path".format(
                 target.qualname, what)))
 
-    def emitter(self, target, eager):
-        """The traced body: the operator for tensors, else ``eager(source, values)``."""
-        op, Tensor, comptime, slot = self.op, self.torch.Tensor, self.comptime, target.slot
+    def tensors(self, values):
+        """Whether every value is a tensor (decided while dynamo traces)."""
+        for value in values:
+            if not isinstance(value, self.torch.Tensor):
+                return False
+        return True
+
+    def emitter(self, target):
+        """The traced body for tensors: one call of the operator."""
+        op, comptime, slot = self.op, self.comptime, target.slot
 
         def emit(source, values):
-            for value in values:
-                if not isinstance(value, Tensor):
-                    return eager(source, values)
             token = 0
             if source is not None:
                 token = id(source)  # dynamo guards on it: this graph is for this source
                 comptime(_note_source)
             op(list(values), slot, token)
         return emit
-
-
-def _as_locals(names, source_name, source, values):
-    """The frame locals an eager ``record_locals`` needs, rebuilt from their values."""
-    frame_locals = dict(zip(names, values))
-    if source_name is not None:
-        frame_locals[source_name] = source
-    return frame_locals
 
 
 def _note_source(ctx):

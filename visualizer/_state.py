@@ -52,6 +52,7 @@ class Target:
         self.functions = weakref.WeakSet()
         self.warned = set()
         self.explicit = False   # watched or decorated by the user, not only by a preset
+        self.watched = False    # named to get_local.watch by the user
         self.attention = False  # its values are attention maps (queries=/heads= apply)
         self.maybe_unbound = False  # some return of the rewritten code may lack a name
         _torch.note_code(code, self)
@@ -432,7 +433,7 @@ class State:
         silent = []
         with self.lock:
             for target in self.targets.values():
-                if target.explicit and target.names and len(target.functions) and \
+                if target.watched and target.names and len(target.functions) and \
                         not any(cache.get(key) for key in target.keys):
                     silent.append("{}.{}".format(target.module, target.qualname))
         if silent:

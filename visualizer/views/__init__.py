@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .._errors import VisualizerTypeError, VisualizerValueError
 
 __all__ = ["Page", "head_view", "model_view", "image_view", "generation_view", "save",
-           "load", "views_from_cache"]
+           "load", "views_from_cache", "write_index"]
 
 
 class Page:
@@ -422,3 +422,40 @@ def views_from_cache(cache: Dict[str, list], context: Optional[Dict[str, Any]] =
             page = model_view(layers, tokens, sample=sample, title=title)
         out.append((k, page))
     return out
+
+
+def write_index(folder: str, pages: Sequence[Any], figures: Sequence[str] = (),
+                title: str = "attention views") -> str:
+    """Write ``folder/index.html`` linking ``pages`` and showing ``figures``; return its path.
+
+    ``pages`` holds ``(path, description)`` pairs; ``figures`` holds PNG paths.
+    Links are relative, so the folder can be moved or zipped; every name and
+    description is HTML-escaped.
+    """
+    import html
+
+    def link(path):
+        return html.escape(os.path.relpath(path, folder).replace(os.sep, "/"), quote=True)
+
+    parts = ["<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>",
+             html.escape(title), "</title><style>body{font:14px/1.5 sans-serif;margin:20px;"
+             "color:#222}img{max-width:420px;border:1px solid #ddd;margin:4px}"
+             "figure{display:inline-block;margin:6px;vertical-align:top}"
+             "figcaption{font-size:12px;color:#555}</style></head><body><h1>",
+             html.escape(title), "</h1><h2>Interactive pages</h2><ul>"]
+    for path, description in pages:
+        parts += ["<li><a href=\"", link(path), "\">", html.escape(os.path.basename(path)),
+                  "</a>: ", html.escape(description), "</li>"]
+    parts.append("</ul>")
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        for path in figures:
+            parts += ["<figure><a href=\"", link(path), "\"><img src=\"", link(path),
+                      "\" alt=\"\"></a><figcaption>", html.escape(os.path.basename(path)),
+                      "</figcaption></figure>"]
+    parts.append("</body></html>\n")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "index.html")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("".join(parts))
+    return path

@@ -191,7 +191,10 @@ def make_record_locals(target):
                     if supplied and len(missing) == 1:
                         state.capture_supplied(target, frame_locals, missing[0], supplied)
                         return
-                    target.warn_unbound(missing)
+                    if target.explicit or not target.attention:
+                        # A preset's eager variable is unbound on the fused path by
+                        # design: the kernel seam captures that path.
+                        target.warn_unbound(missing)
                 return
             source = None if target.source is None else frame_locals.get(target.source)
             state.capture(target, source, [frame_locals[n] for n in target.names])

@@ -220,6 +220,9 @@ def make_record_locals(target):
         try:
             missing = [n for n in target.names if n not in frame_locals]
             supplied = state.take_stash(sys._getframe(1)) if state.stashed else None
+            if supplied and not missing and target.attention and not target.explicit and \
+                    frame_locals[target.names[0]] is None:
+                missing = [target.names[0]]  # None on a fused path: the kernel supplies it
             if missing:
                 if state.active:
                     if supplied and len(missing) == 1:
@@ -230,8 +233,11 @@ def make_record_locals(target):
                         # design: the kernel seam captures that path.
                         target.warn_unbound(missing)
                 return
+            values = [frame_locals[n] for n in target.names]
+            if values[0] is None and target.attention and not target.explicit:
+                return  # a preset's variable on a fused path (see make_record)
             source = None if target.source is None else frame_locals.get(target.source)
-            state.capture(target, source, [frame_locals[n] for n in target.names])
+            state.capture(target, source, values)
         except Exception as exc:  # never let a capture break the user's function
             state.capture_failed(target, exc)
 
@@ -259,8 +265,24 @@ def make_record(state, target):
     weak = weakref.ref
     lock = state.store_lock
     failed = state.capture_failed
+    # A preset's attention variable holds None where a library's fused path
+    # sets it so (Falcon's ``attention_scores``): the kernel seam captures that
+    # call, so None is no capture.
+    skip_none = target.attention and not target.explicit
     if len(target.names) == 1:
         key = target.keys[0]
+        if skip_none:
+            def record(*args):  # (value) or (source, value)
+                try:
+                    source = args[0] if len(args) == 2 else None
+                    if args[-1] is not None:
+                        state.capture(target, source, args[-1:])
+                    elif state.stashed:  # None on a fused path: the kernel's calls supply it
+                        for probs in state.take_stash(sys._getframe(1)) or ():
+                            state.store(target, source, (probs,))
+                except Exception as exc:
+                    failed(target, exc)
+            return record
         if target.source is None:
             def record(value):
                 try:
@@ -630,6 +652,11 @@ class State:
             saved = (target.names, target.keys, dict(target.overrides), target.rewritten)
             target.add_names(names)
             target.add_overrides(overrides)
+            explicit = target.explicit or (explicit and bool(names))
+            attention = target.attention or attention
+            if (explicit, attention) != (target.explicit, target.attention):
+                target.rewritten = None  # its recorders depend on both (see make_record)
+            target.explicit, target.attention = explicit, attention
             if self.active:
                 try:
                     target.rewritten_code()
@@ -638,8 +665,6 @@ class State:
                     raise
             if created:
                 self.targets[id(code)] = target
-            target.explicit = target.explicit or (explicit and bool(names))
-            target.attention = target.attention or attention
             for key in saved[1]:
                 if key not in target.keys and not self.cache.get(key, True):
                     del self.cache[key]

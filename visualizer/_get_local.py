@@ -222,7 +222,7 @@ class GetLocal:
         return self._state.events
 
     def configure(self, store="numpy", transform=None, keep_last=None, queries=None,
-                  heads=None):
+                  heads=None, reduce=None):
         """Choose how captures are stored from now on; return the previous settings.
 
         ``store``: ``'numpy'`` (default: torch tensors become detached CPU
@@ -237,11 +237,21 @@ class GetLocal:
         maps, ``(batch, heads, queries, keys)``; the kernel seam computes only
         them (``queries=-1``: the last token's row, ``queries=0``: ViT's CLS
         row), the presets' eager captures are sliced.  An int keeps its axis.
+        ``reduce`` keeps a reduction of each attention map instead of the map,
+        computed at the kernel a block of query rows at a time, so the full
+        ``(batch, heads, queries, keys)`` matrix never exists:
+        ``'head_mean'`` (mean over heads: ``(batch, queries, keys)``),
+        ``'received'`` (attention each key receives, summed over the query
+        rows: ``(batch, heads, keys)``) or ``'rollout'`` (attention rollout
+        through this layer, Abnar & Zuidema 2020: ``(batch, queries, keys)``;
+        the last layer's value is the model's rollout).  ``queries`` and
+        ``heads`` apply first (for ``'rollout'``, ``queries`` picks rows of the
+        result).  See the README's "Long contexts" section.
 
         >>> get_local.configure(transform=lambda attn: attn[:, :, 0], keep_last=12)
         {'store': 'numpy', 'transform': None, 'keep_last': None, 'queries': None, 'heads': None}
         """
-        storage = _store.Storage(store, transform, keep_last, queries, heads)
+        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce)
         with self._state.lock:
             previous = self._state.storage
             self._state.storage = storage
@@ -250,7 +260,7 @@ class GetLocal:
 
     @contextlib.contextmanager
     def capture(self, store="numpy", transform=None, keep_last=None, queries=None,
-                heads=None):
+                heads=None, reduce=None):
         """Capture into a fresh cache for the duration of a ``with`` block.
 
         Activates capture and applies the storage settings (as in
@@ -266,8 +276,10 @@ class GetLocal:
         >>> cache['Attention.forward']
         >>> with get_local.capture(queries=-1) as cache:   # the last token's row only
         ...     model.generate(**inputs, max_new_tokens=8)
+        >>> with get_local.capture(reduce='rollout', queries=0) as cache:  # CLS rollout
+        ...     model(x)
         """
-        storage = _store.Storage(store, transform, keep_last, queries, heads)
+        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce)
         state = self._state
         with state.lock:
             saved = (state.active, state.cache, state.storage, state.kernel_missed)

@@ -9,7 +9,6 @@ projections that forward hooks recorded); the test loads both.  Under
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 

@@ -60,6 +60,7 @@ def child(variant, tokens, batches):
             reset = _reset_peak()
             started = time.perf_counter()
             kept = []
+            first = None  # peak after the first of several forwards, same process
             if kwargs is None:
                 for _ in range(count):
                     model(input_ids=ids)
@@ -67,8 +68,10 @@ def child(variant, tokens, batches):
                 if streamed:
                     kwargs = dict(kwargs, stream=os.path.join(folder, "run.vz"))
                 with get_local.capture(**kwargs) as cache:
-                    for _ in range(count):
+                    for i in range(count):
                         model(input_ids=ids)
+                        if i == 0:
+                            first = _peak()
                 kept = cache.get(KEY, [])
                 if len(kept) != 2 * count:
                     raise AssertionError("captured {} maps for {} forwards of 2 layers".format(
@@ -83,6 +86,7 @@ def child(variant, tokens, batches):
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps({"variant": variant, "rss_before": before, "reset": reset, "peak": peak,
+                      "first": first,
                       "seconds": seconds, "kept": in_memory, "disk": on_disk, "shape": shape}))
 
 
@@ -112,15 +116,17 @@ def run(cfg, notes):
         "Long context: tiny Llama (2 layers, 4 heads, hidden 64, random weights, sdpa), batch 1 "
         "at {} tokens, one fresh process per row; peak RSS is VmHWM over the measured forwards "
         "({}), after one warm-up forward without capture; 'over start' is the peak minus the "
-        "RSS before them; 'kept' is what the cache holds in memory, 'disk' what the stream "
+        "RSS before them; the streaming target compares, in the same process, the peak after "
+        "all batches with the peak after the first; 'kept' is what the cache holds in memory, 'disk' what the stream "
         "wrote; time is seconds per forward over the plain forward's, one run each (noisy).".format(
             tokens, "VmHWM reset before them" if all(r["reset"] for r in results.values())
             else "VmHWM since the process started"))
     text = markdown(["variant", "peak RSS MB", "peak over start MB", "kept MB", "disk MB",
                      "one value", "x plain (peak)", "x plain (time)"], rows)
     summary = {"last_vs_plain": results["last"]["peak"] / base["peak"],
-               "stream_n_vs_1": results["stream_n"]["peak"] / results["stream_1"]["peak"],
-               "memory_n_vs_1": results["memory_n"]["peak"] / results["head_mean"]["peak"],
+               # in one process: the peak after all batches over the peak after the first
+               "stream_n_vs_1": results["stream_n"]["peak"] / results["stream_n"]["first"],
+               "memory_n_vs_1": results["memory_n"]["peak"] / results["memory_n"]["first"],
                "batches": batches, "tokens": tokens}
     return text, summary
 

@@ -430,21 +430,22 @@ def _reduce(rows_of, length, keys, reduce, queries, running, owner, chunk, like)
         return _rollout(torch, rows_of, length, keys, picked, running, owner, chunk, work,
                         like.device)
     rows = picked if picked is not None else range(length)
-    parts, total = [], None
+    out = None
     for start in range(0, len(rows), chunk):
         block = rows_of(_rows(rows, start, chunk))
         if block.dim() < 3:  # no heads axis: one head
             block = block.unsqueeze(-3)
         block = block.to(work)
         if reduce == "head_mean":
-            parts.append(block.mean(-3))
+            part = block.mean(-3)
+            if out is None:  # filled in place: no second copy of the result for a cat
+                out = part.new_empty(part.shape[:-2] + (len(rows), keys))
+            out[..., start:start + part.shape[-2], :] = part
         else:
             summed = block.sum(-2)
-            total = summed if total is None else total + summed
+            out = summed if out is None else out + summed
         del block
-    if reduce == "head_mean":
-        return parts[0] if len(parts) == 1 else torch.cat(parts, -2)
-    return total
+    return out
 
 
 def _rows(rows, start, chunk):
@@ -467,7 +468,7 @@ def _rollout(torch, rows_of, length, keys, picked, running, owner, chunk, work, 
     token = id(owner) if owner is not None else None
     if before is not None and (token is None or token in seen):
         before = None  # a new forward begins
-    blocks = []
+    matrix = None
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         block = rows_of(slice(start, stop))
@@ -481,9 +482,10 @@ def _rollout(torch, rows_of, length, keys, picked, running, owner, chunk, work, 
         diagonal = torch.arange(start, stop, device=device)
         fused[..., diagonal - start, diagonal] += 0.5
         fused = fused / fused.sum(-1, keepdim=True)
-        blocks.append(fused if before is None else torch.matmul(fused, before))
-    matrix = blocks[0] if len(blocks) == 1 else torch.cat(blocks, -2)
-    del blocks
+        rows = fused if before is None else torch.matmul(fused, before)
+        if matrix is None:
+            matrix = rows.new_empty(rows.shape[:-2] + (length, length))
+        matrix[..., start:stop, :] = rows
     if before is None:
         seen.clear()
     running["matrix"] = matrix

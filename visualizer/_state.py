@@ -407,10 +407,15 @@ class State:
         selection = (None, None) if target is not None and target.attention else (
             storage.queries, storage.heads)
         graph = storage.kind == "graph"
-        probs = call.probabilities(selection[0], selection[1], graph) if store else None
+        reduce = storage.reduce if target is None or not target.attention else None
+        if store and reduce is not None:  # computed in blocks of rows, never in full
+            probs = kernel.reduced(call, reduce, selection[0], selection[1], graph,
+                                   storage.running, source)
+        else:
+            probs = call.probabilities(selection[0], selection[1], graph) if store else None
         if listened:
             self.events.dispatch(QKVEvent(key, qualname, call.query, call.key, call.value, source))
-            if probs is not None and target is None:
+            if probs is not None and target is None and reduce is None:
                 compute = (lambda: probs)
             else:
                 def compute():
@@ -516,7 +521,7 @@ class State:
             return
         # Prepare every value before storing any, so a failing transform
         # leaves the lists of a multi-name capture aligned.
-        prepared = [storage.prepare(key, value, target.attention)
+        prepared = [storage.prepare(key, value, target.attention, source)
                     for key, value in zip(keys, values)]
         cache = self.cache
         ref = _store.source_ref(source) if target.source is not None else _store.NO_SOURCE

@@ -645,7 +645,7 @@ def _cmd_run(args: argparse.Namespace, say: _Say) -> int:
             what.insert(0, "the attention presets")
         say("running {} with capture on ({}) ...".format(args.script, "; ".join(what)))
         started = time.time()
-        with get_local.capture() as cache:
+        with get_local.capture() as cache, _terminated_as_exit():
             status, failure = _run_script(script)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
@@ -695,6 +695,33 @@ def _watch(dotted: str, names: Tuple[str, ...], stem: str, script: str) -> Tuple
         raise _error("--watch {}: importing its module failed: {}: {}".format(
             dotted, type(exc).__name__, exc)) from None
     return dotted, function
+
+
+class _terminated_as_exit:
+    """While the script runs, SIGTERM ends it as ``sys.exit(143)``, so its captures are saved.
+
+    torchrun (and other launchers) stop the other processes with SIGTERM when
+    one rank fails; each then still saves what it captured.
+    """
+
+    def __enter__(self) -> "_terminated_as_exit":
+        import signal
+        import threading
+
+        self.previous = None
+        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._exit)
+        return self
+
+    @staticmethod
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _run_script(script: str) -> Tuple[int, Optional[BaseException]]:
@@ -773,7 +800,7 @@ def _save_captures(cache: Dict[str, list], out: str, watched: List[Tuple[str, An
             continue
         kept[key] = list(values)
     try:
-        get_local.save(out, kept)
+        out = get_local.save(out, kept)  # under torch.distributed: this rank's file
     except OSError as exc:
         raise _error("cannot write the captures to {}: {}".format(out, exc)) from None
     count = sum(len(v) for v in kept.values())

@@ -8,6 +8,7 @@ final sequence without its last token (``attn_implementation='eager'``,
 Models are tiny and random (2 layers, width 32), built from configs, offline.
 """
 import inspect
+import os
 
 import numpy as np
 import pytest
@@ -388,7 +389,7 @@ def test_split_runs_and_layers():
     # T5-like: a one-token prompt each time; the key count drops to 1 at the next call
     one, _ = _toy(P=1, n=3)
     assert [len(r) for r in split_runs(one + one)] == [3, 3]
-    flat = [m for pair in zip(a, b[:1] * 0 + a) for m in pair]  # two layers, interleaved
+    flat = [m for pair in zip(a, a) for m in pair]  # two layers, interleaved step by step
     layers = split_layers(flat)
     assert len(layers) == 2 and all(len(layer) == 3 for layer in layers)
     with pytest.raises(VisualizerError):
@@ -398,8 +399,7 @@ def test_split_runs_and_layers():
 def test_steps_by_module_takes_the_by_module_dict():
     a, full = _toy(P=3, n=3)
     b, _ = _toy(P=4, n=2)
-    steps = steps_by_module({"layers.0.attn": a, "proj": [np.zeros(3)]}.copy() if False else
-                            {"layers.0.attn": a})
+    steps = steps_by_module({"layers.0.attn": a})
     np.testing.assert_allclose(stitch(steps["layers.0.attn"]), full)
     with pytest.raises(VisualizerError, match="several generate"):
         steps_by_module({"layers.0.attn": a + b})
@@ -408,3 +408,96 @@ def test_steps_by_module_takes_the_by_module_dict():
         steps_by_module({"layers.0.attn": a, "proj": [np.zeros(3)]})
     with pytest.raises(VisualizerError, match="no attention maps"):
         steps_by_module({"proj": [np.zeros(3)]})
+
+
+# ---------------------------------------------------------------------------
+# Figures, and the command line: run saves the steps, plot draws the generation
+# ---------------------------------------------------------------------------
+
+def test_generation_figures():
+    require("matplotlib")
+    from visualizer.plotting import plot_generated_tokens, plot_generation
+
+    model = _build("llama")
+    out, steps = _decoder_steps(model, _prompt(1, 6))
+    stitched = stitch(steps[0])
+    tokens = ["t{}".format(int(i)) for i in out.sequences[0]]
+    fig = plot_generation(stitched, tokens, prompt_length=6, head=1)
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), stitched[0, 1], atol=1e-7)
+    assert [t.get_text() for t in ax.get_xticklabels()] == tokens[:-1]
+    colours = [t.get_color() for t in ax.get_yticklabels()]
+    assert colours[:6] != colours[6:] and len(set(colours[6:])) == 1
+    # row-only rows (what queries=-1 keeps) draw as the last rows of the same picture
+    rows = stitch([s[:, :, -1:, :] for s in steps[0]])
+    fig = plot_generation(rows, tokens, prompt_length=6, head=1)
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), stitched[0, 1, 5:], atol=1e-7)
+
+    strips = plot_generated_tokens(rows, tokens, prompt_length=6, head=0)
+    ax = strips.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["\u2192 " + t for t in tokens[6:]]
+    # one cell per token of the text so far, the darkest where the weight is largest
+    assert len(ax.patches) == sum(range(6, 11))
+    first = ax.patches[:6]
+    darkest = int(np.argmin([sum(p.get_facecolor()[:3]) for p in first]))
+    assert darkest == int(np.argmax(stitched[0, 0, 5, :6]))
+    with pytest.raises(VisualizerError, match="whole final sequence"):
+        plot_generated_tokens(rows, tokens[:-1], prompt_length=6)
+    with pytest.raises(VisualizerError, match="tokens for attention over"):
+        plot_generation(stitched, tokens[:4], prompt_length=6)
+    with pytest.raises(VisualizerError, match="prompt_length"):
+        plot_generation(rows, tokens, prompt_length=3)
+
+
+GENERATE_MODEL = '''
+import torch, transformers
+torch.manual_seed(0)
+config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+    eos_token_id=None)
+model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="eager").eval()
+model.generation_config.eos_token_id = None
+'''
+GENERATE_SCRIPT = GENERATE_MODEL + '''
+ids = torch.randint(3, 99, (1, 6))
+with torch.no_grad():
+    out = model.generate(ids, max_new_tokens=5)
+import numpy as np
+np.save("sequences.npy", out.numpy())
+'''
+
+
+def test_cli_run_saves_steps_and_plot_draws_the_generation(tmp_path):
+    require("transformers")
+    require("matplotlib")
+    from test_cli import cli
+
+    from visualizer import get_local
+
+    (tmp_path / "gen.py").write_text(GENERATE_SCRIPT)
+    target = "transformers.models.llama.modeling_llama.eager_attention_forward=attn_weights"
+    proc = cli("run", "--no-presets", "--watch", target, "--out", "gen.npz", "gen.py",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cache = get_local.load(str(tmp_path / "gen.npz"))
+    values = cache["eager_attention_forward"]
+    # two layers x (prompt step + 4 decoding steps), each of its own shape
+    assert [v.shape[2:] for v in values[:4]] == [(6, 6), (6, 6), (1, 7), (1, 7)]
+    assert len(values) == 10
+    torch = require("torch")
+    scope = {}
+    exec(GENERATE_MODEL, scope)  # the same random model, built here for the reference
+    sequences = torch.from_numpy(np.load(str(tmp_path / "sequences.npy")))
+    with torch.no_grad():
+        reference = [a.numpy() for a in scope["model"](sequences[:, :-1],
+                                                       output_attentions=True).attentions]
+    for layer, steps in enumerate(split_layers(values)):
+        np.testing.assert_allclose(stitch(steps), reference[layer], atol=ATOL)
+
+    proc = cli("plot", "gen.npz", "--out", "figures", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "generation of 5 steps over 2 layers" in proc.stderr
+    assert sorted(os.listdir(str(tmp_path / "figures"))) == [
+        "eager_attention_forward_generated_tokens_01.png",
+        "eager_attention_forward_generation_00.png",
+        "eager_attention_forward_generation_01.png"]

@@ -396,6 +396,19 @@ def test_split_runs_and_layers():
         split_layers([np.zeros((1, 1, 1, 3))] * 4)
 
 
+def test_split_runs_static_cache_after_a_cropped_prefill():
+    """Prompt step over the prompt's keys, then every step over the whole static cache."""
+    steps, full = _toy(P=3, n=3)
+    static = [steps[0]] + [np.pad(s, [(0, 0)] * 3 + [(0, 8 - s.shape[3])]) for s in steps[1:]]
+    assert [len(r) for r in split_runs(static + static)] == [3, 3]
+    np.testing.assert_allclose(stitch(split_runs(static)[0]), full, atol=1e-12)
+    # a jump to a row that weighs its own (last) key is a new call, not a static cache
+    a, _ = _toy(P=3, n=2)
+    b, _ = _toy(P=6, n=2)
+    rows = [s[:, :, -1:] for s in a + b]
+    assert [len(r) for r in split_runs(rows)] == [2, 2]
+
+
 def test_steps_by_module_takes_the_by_module_dict():
     a, full = _toy(P=3, n=3)
     b, _ = _toy(P=4, n=2)
@@ -505,7 +518,6 @@ def test_cli_run_saves_steps_and_plot_draws_the_generation(tmp_path):
 
 # ---------------------------------------------------------------------------
 # Capture during generate() of the DEFAULT (SDPA) model, at the kernel seam
-# (issue 11). Skipped, with the reason, on a visualizer without the seam.
 # ---------------------------------------------------------------------------
 
 @pytest.fixture
@@ -514,8 +526,6 @@ def seam():
     import visualizer
 
     get_local = visualizer.get_local
-    if "queries" not in inspect.signature(get_local.capture).parameters:
-        pytest.skip("needs the kernel seam of issue 11 (get_local.capture(queries=...))")
     get_local.watch_attention()
     yield get_local
     get_local.unwatch_attention()
@@ -528,8 +538,19 @@ def _attention_modules(model, steps):
     return order
 
 
+# transformers 5.23's BLOOM has neither an SDPA path nor an eager_attention_forward: its
+# BloomAttention.forward computes `attention_probs` itself, and watch_attention() does not
+# watch it (integrations/transformers.watch_modeling_module looks for eager_attention_forward,
+# or for a 4.x `<family>SelfAttention` class), so generate() under capture() leaves an EMPTY
+# cache, and capture() says nothing.  test_bloom_explicit_watch shows the way round it.
+BLOOM_NOT_WATCHED = pytest.mark.xfail(
+    strict=True, raises=VisualizerError,
+    reason="seam gap (integrations/transformers.py): watch_attention() does not watch "
+           "BloomAttention.forward's attention_probs (transformers 5.x BLOOM has no "
+           "eager_attention_forward and no SDPA path): empty cache, no warning")
+
 SEAM_FAMILIES = ["llama", "gpt2", "mistral", "qwen2", "gemma2", "phi3", "falcon", "gpt_neox",
-                 "opt", "bloom"]
+                 "opt", pytest.param("bloom", marks=BLOOM_NOT_WATCHED)]
 
 
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
@@ -562,12 +583,24 @@ def test_seam_capture_during_generate(family, sample, seam):
         np.testing.assert_allclose(stitch(rows[name]), reference[layer][..., 5:, :], atol=ATOL)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "bloom", "opt"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "opt",
+                                    pytest.param("bloom", marks=BLOOM_NOT_WATCHED)])
 def test_seam_left_padded_and_static(family, seam):
+    """Left padding, dynamic and static cache; compared on the real rows and keys only.
+
+    The seam gives the rows of padded queries (every key masked) as zeros, as
+    SDPA's math kernel does; transformers' eager path gives them a uniform
+    row instead, so those rows are never compared with the reference.
+    """
     torch = require("torch")
     get_local = seam
     model = _build(family, eager=False)
     eager = _build(family, eager=True)
+    # Gemma 2 soft-caps its logits, which SDPA cannot: transformers runs it eager by
+    # default, and it is captured from eager_attention_forward instead of the kernel.
+    # BLOOM has no SDPA path at all.
+    sdpa = model.config._attn_implementation == "sdpa"
+    assert sdpa == (family not in ("gemma2", "bloom"))
     ids = _prompt(2, 7)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -577,12 +610,129 @@ def test_seam_left_padded_and_static(family, seam):
             plain = model.generate(ids, attention_mask=mask, max_new_tokens=5, **options)
         with get_local.capture() as cache, torch.no_grad():
             captured = model.generate(ids, attention_mask=mask, max_new_tokens=5, **options)
-        assert torch.equal(plain, captured)
+        with get_local.capture(queries=-1) as rows_cache, torch.no_grad():
+            rows_captured = model.generate(ids, attention_mask=mask, max_new_tokens=5, **options)
+        assert torch.equal(plain, captured) and torch.equal(plain, rows_captured)
         reference = _decoder_reference(eager, plain, mask)
         steps = steps_by_module(model, cache)
+        rows = steps_by_module(model, rows_cache)
+        keys = {"llama": "LlamaAttention.forward", "opt": "OPTAttention.forward",
+                "gemma2": "eager_attention_forward"}
+        assert list(cache) == [keys[family]]
         for layer, name in enumerate(_attention_modules(model, steps)):
+            where = "{} {}".format(name, options)
+            padded = steps[name][0][0, :, :3]  # the rows of sample 0's padded queries
+            if sdpa:  # the seam: zeros, as SDPA's math kernel gives
+                assert not padded.any(), where
+            else:  # transformers' eager path: a uniform row over the keys
+                np.testing.assert_allclose(padded, 1 / padded.shape[-1], atol=1e-6)
             stitched = stitch(steps[name], attention_mask=mask)
+            if sdpa:  # zero rows of padded queries stitch without the mask too
+                np.testing.assert_allclose(stitch(steps[name])[1], stitched[1], atol=0)
             for b, pad in enumerate([3, 0]):
                 np.testing.assert_allclose(stitched[b, :, pad:, pad:],
                                            reference[layer][b, :, pad:, pad:],
-                                           atol=ATOL, err_msg="{} {}".format(name, options))
+                                           atol=ATOL, err_msg=where)
+            for full_step, row_step in zip(steps[name], rows[name]):
+                np.testing.assert_allclose(row_step, full_step[:, :, -1:, :], atol=1e-6,
+                                           err_msg=where)
+            np.testing.assert_allclose(stitch(rows[name], attention_mask=mask),
+                                       stitched[..., 6:, :], atol=1e-6, err_msg=where)
+
+
+def test_seam_static_cache_unpadded(seam):
+    """Static cache, no mask: transformers crops the keys to the prompt at prefill
+    (``key[:, :, :q_length]`` when causal), then every step sees the whole cache."""
+    torch = require("torch")
+    get_local = seam
+    model = _build("llama", eager=False)
+    eager = _build("llama", eager=True)
+    with torch.no_grad():
+        plain = model.generate(_prompt(), max_new_tokens=5, cache_implementation="static")
+    with get_local.capture() as cache, torch.no_grad():
+        captured = model.generate(_prompt(), max_new_tokens=5, cache_implementation="static")
+    with get_local.capture(queries=-1) as rows_cache, torch.no_grad():
+        model.generate(_prompt(), max_new_tokens=5, cache_implementation="static")
+    assert torch.equal(plain, captured)
+    reference = _decoder_reference(eager, plain)
+    steps = steps_by_module(model, cache)
+    rows = steps_by_module(model, rows_cache)
+    for layer, name in enumerate(_attention_modules(model, steps)):
+        shapes = [s.shape[2:] for s in steps[name]]
+        assert shapes[0] == (6, 6) and len({k for _, k in shapes[1:]}) == 1, shapes
+        assert shapes[1][1] > 7  # the whole static cache, past position 6
+        np.testing.assert_allclose(stitch(steps[name]), reference[layer], atol=ATOL)
+        np.testing.assert_allclose(stitch(rows[name]), reference[layer][..., 5:, :], atol=ATOL)
+
+
+def test_bloom_explicit_watch(seam):
+    """BLOOM is captured when its attention is watched by hand (full maps: the eager
+    variable is not an attention target, so queries= does not apply to it)."""
+    torch = require("torch")
+    get_local = seam
+    model = _build("bloom", eager=False)
+    eager = _build("bloom", eager=True)
+    get_local.watch("transformers.models.bloom.modeling_bloom.BloomAttention.forward",
+                    "attention_probs")
+    try:
+        with torch.no_grad():
+            plain = model.generate(_prompt(), max_new_tokens=5)
+        with get_local.capture() as cache, torch.no_grad():
+            captured = model.generate(_prompt(), max_new_tokens=5)
+    finally:
+        get_local.unwatch("transformers.models.bloom.modeling_bloom.BloomAttention.forward")
+    assert torch.equal(plain, captured)
+    reference = _decoder_reference(eager, plain)
+    steps = steps_by_module(model, cache)
+    for layer, name in enumerate(_attention_modules(model, steps)):
+        np.testing.assert_allclose(stitch(steps[name]), reference[layer], atol=ATOL)
+
+
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_seam_encoder_decoder(family, sample, seam):
+    """The decoder's self- and cross-attention, told apart by their module names."""
+    torch = require("torch")
+    get_local = seam
+    model = _build(family, eager=False)
+    eager = _build(family, eager=True)
+    inputs = _encoder_inputs(family)
+
+    def generate():
+        # return_dict_in_generate: Whisper strips the decoder start token otherwise
+        torch.manual_seed(7)
+        with torch.no_grad():
+            return model.generate(**inputs, max_new_tokens=5, do_sample=sample,
+                                  return_dict_in_generate=True).sequences
+
+    plain = generate()
+    with get_local.capture() as cache:
+        captured = generate()
+    with get_local.capture(queries=-1) as rows_cache:
+        rows_captured = generate()
+    assert torch.equal(plain, captured) and torch.equal(plain, rows_captured)
+    with torch.no_grad():
+        ref = eager(**inputs, decoder_input_ids=plain[:, :-1], output_attentions=True,
+                    use_cache=False)
+    steps = steps_by_module(model, cache)
+    rows = steps_by_module(model, rows_cache)
+    order = [name for name, _ in model.named_modules() if name in steps]
+    cross = [n for n in order if "decoder" in n and n.rsplit(".", 1)[-1] in
+             ("EncDecAttention", "encoder_attn")]
+    self_attn = [n for n in order if "decoder" in n and n not in cross]
+    encoder = [n for n in order if "encoder." in n and "decoder" not in n]
+    assert len(cross) == len(self_attn) == len(encoder) == 2, order
+    assert all(len(steps[n]) == 1 for n in encoder)  # the encoder runs once
+    T = plain.shape[1] - 1
+    for layer in range(2):
+        stitched = stitch(steps[self_attn[layer]])
+        assert stitched.shape[-2:] == (T, T)
+        np.testing.assert_allclose(stitched, ref.decoder_attentions[layer].numpy(), atol=ATOL)
+        np.testing.assert_allclose(stitch(steps[cross[layer]], cross=True),
+                                   ref.cross_attentions[layer].numpy(), atol=ATOL)
+        np.testing.assert_allclose(steps[encoder[layer]][0],
+                                   ref.encoder_attentions[layer].numpy(), atol=ATOL)
+        # decoding steps hold one row already: queries=-1 keeps them whole
+        for name in (self_attn[layer], cross[layer]):
+            for full_step, row_step in zip(steps[name], rows[name]):
+                np.testing.assert_allclose(row_step, full_step, atol=1e-6)

@@ -364,9 +364,12 @@ def split_runs(values: Sequence[Any]) -> List[List[Any]]:
 
     A run starts with a prompt step and continues with one-row steps whose key
     count grows by one (dynamic cache), stays the same (static or slid
-    cache), or drops once after the prompt (a sliding window shorter than the
-    prompt).  A new run starts at a step with several rows, another batch or
-    head count, a key count that jumps, or one that drops later on.  Two
+    cache), drops once after the prompt (a sliding window shorter than the
+    prompt), or jumps once after the prompt to a static cache's size when
+    the step puts no weight past its own position (transformers crops a
+    static cache's keys to the prompt at prefill when no mask is needed).  A
+    new run starts at a step with several rows, another batch or head count,
+    a key count that jumps otherwise, or one that drops later on.  Two
     row-only (``queries=-1``) calls whose shapes happen to chain cannot be told
     apart: clear the cache between calls to be sure.
 
@@ -389,13 +392,29 @@ def split_runs(values: Sequence[Any]) -> List[List[Any]]:
         new = previous is None or shape[:2] != previous[:2] or shape[2] != 1
         if not new:
             grown = shape[3] - previous[3]
-            new = grown > 1 or (grown < 0 and i - start >= 2)
+            new = grown < 0 and i - start >= 2
+            if grown > 1:
+                new = i - start != 1 or not _static_after_prompt(values[start], value)
         if new:
             runs.append([])
             start = i
         runs[-1].append(value)
         previous = shape
     return runs
+
+
+def _static_after_prompt(prompt_step: Any, step: Any) -> bool:
+    """Whether ``step`` is the first decoding step over a static cache after ``prompt_step``.
+
+    Its row (position ``P``, the prompt's length) has more keys than ``P + 1``
+    and no weight on any key after its own position, where the prompt step of
+    a new call would hold its own (positive) weight on its last key.
+    """
+    first = _array(prompt_step, "prompt step")
+    row = _array(step, "decoding step")
+    prompt = first.shape[2] if first.shape[2] > 1 else _prompt_length(first)
+    return row.shape[3] > prompt + 1 and \
+        not np.any(np.abs(row[..., prompt + 1:]) > _MASKED_ATOL)
 
 
 def steps_by_module(model: Any, cache: Any = None, *, run: Optional[int] = None

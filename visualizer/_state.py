@@ -15,6 +15,40 @@ constants: TorchDynamo cannot trace code whose constants hold functions (see
 ``_torch``).  A name is bound while its code object lives, so a call still
 running old code after a rewrite still finds the recorder it was made for.
 
+Threads, with the GIL or without it (free-threaded CPython, PEP 703).  The
+design does not lean on the GIL for atomicity of our own steps; what protects
+what:
+
+* ``State.lock`` (an ``RLock``) serialises every change to what is captured
+  and how: ``targets`` and ``by_rewritten``, installing and removing code
+  (the ``__code__`` assignments), ``active`` and ``fast`` with the
+  ``switches`` they run (``set_active``, ``register``, ``unregister``,
+  ``add_switch``, ``remove_switch``, ``close``, ``dynamo_imported``), and the
+  swaps of ``cache`` and ``storage`` by ``GetLocal.configure`` and
+  ``GetLocal.capture``.  Re-entrant, because a switch or an import callback
+  may register while it is held.
+* ``State.store_lock`` (a ``Lock``) makes the appends of one call one step:
+  the values of a call's names, each with its source, land together, so the
+  lists of a multi-name capture and ``cache.sources`` stay aligned whichever
+  thread runs next.  It is held around the appends only, never while user
+  code (a transform, an event handler) runs.
+* Without a lock: the one-name, no-source fast path appends to one list
+  (``list.append``, and ``dict.setdefault`` for a new key), which is atomic
+  with the GIL and locks the object itself on a free-threaded build, so no
+  call is lost.  Recorders read ``active``, ``fast``, ``cache`` and
+  ``storage`` as single attribute reads of references that are only ever
+  replaced whole, under ``State.lock``: a call racing a switch stores into
+  the cache of one side of it, complete.  ``EventDispatcher`` keeps its
+  listeners in a tuple replaced whole, so ``dispatch`` walks a snapshot;
+  ``listen`` and ``remove`` themselves are not serialised (add handlers from
+  one thread at a time).
+* Kernel calls (``integrations.kernel``): the probabilities a kernel call
+  leaves for the frame of a captured function wait in ``State.stash_local``,
+  a ``threading.local``, so each thread sees only its own frames and no lock
+  is needed; ``seam_off`` replaces it whole.  ``kernel._lock`` guards the
+  seam's own tables (the states it serves, where torch's function was put).
+* ``_imports`` has its own lock for the callbacks that wait for an import.
+
 The code rewriting itself is the pure function ``_rewrite.rewrite``; the
 public face is ``_get_local.GetLocal``.
 """

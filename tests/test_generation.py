@@ -539,18 +539,10 @@ def _attention_modules(model, steps):
 
 
 # Falcon's default (sdpa) FalconAttention.forward calls the kernel and then sets
-# `attention_scores = None`; since main's c46e6fd the transformers preset watches that local
-# (the softmax output of its eager branch), so the kernel's probabilities are not supplied
-# (the variable is bound, to None) and every capture is None, in silence.
-FALCON_NONE = pytest.mark.xfail(
-    strict=True, raises=VisualizerError,
-    reason="seam bug (integrations/transformers.py + _state kernel supply, since c46e6fd): "
-           "on the sdpa path FalconAttention.forward binds attention_scores = None after the "
-           "kernel call, the watched local wins over the kernel's probabilities: the cache "
-           "holds None for every call (expected (B, 4, P, P) then (B, 4, 1, P + i)), no warning")
-
+# `attention_scores = None`: the preset's watched local is None there, and the kernel's
+# probabilities take its place (a regression test for that case).
 SEAM_FAMILIES = ["llama", "gpt2", "mistral", "qwen2", "gemma2", "phi3",
-                 pytest.param("falcon", marks=FALCON_NONE), "gpt_neox", "opt", "bloom"]
+                 "falcon", "gpt_neox", "opt", "bloom"]
 
 
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])

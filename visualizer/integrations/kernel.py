@@ -99,71 +99,92 @@ def probabilities(call, queries=None, heads=None, grad=False):
     ``grad`` keeps it attached to the autograd graph.
     """
     torch = sys.modules["torch"]
+    if bool(grad) == torch.is_grad_enabled():
+        return _probabilities(torch, call, queries, heads)
+    with torch.set_grad_enabled(bool(grad)):
+        return _probabilities(torch, call, queries, heads)
+
+
+def _probabilities(torch, call, queries, heads):
     q, k, mask = call.query, call.key, call.attn_mask
     length, keys = q.shape[-2], k.shape[-2]
     device = q.device
-    with torch.set_grad_enabled(bool(grad) and torch.is_grad_enabled()):
-        head_index = None
-        if q.dim() >= 3:
-            q_heads = q.shape[-3]
-            if heads is not None:
-                head_index = _index(torch, heads, q_heads, device, "heads")
-                q = q.index_select(-3, head_index)
-            k_heads = k.shape[-3] if k.dim() >= 3 else 1
-            if k_heads not in (1, q_heads) and q_heads % k_heads == 0:
-                # grouped-query attention: query head h reads key head h // group
-                group = q_heads // k_heads
-                chosen = head_index if head_index is not None else torch.arange(
-                    q_heads, device=device)
-                k = k.index_select(-3, torch.div(chosen, group, rounding_mode="floor"))
-            elif head_index is not None and k_heads == q_heads:
+    head_index = None
+    q_heads = q.shape[-3] if q.dim() >= 3 else 1
+    k_heads = k.shape[-3] if k.dim() >= 3 else 1
+    group = q_heads // k_heads if k_heads not in (1, q_heads) and q_heads % k_heads == 0 else 1
+    if heads is not None and q.dim() >= 3:
+        picked = _positions(heads, q_heads, "heads")
+        if picked != list(range(q_heads)):
+            head_index = torch.tensor(picked, dtype=torch.long, device=device)
+            q = q.index_select(-3, head_index)
+            if group > 1:  # query head h reads key head h // group
+                k = k.index_select(-3, torch.div(head_index, group, rounding_mode="floor"))
+                group = 1
+            elif k_heads == q_heads:
                 k = k.index_select(-3, head_index)
-        row_index = None
-        if queries is not None:
-            row_index = _index(torch, queries, length, device, "queries")
-            q = q.index_select(-2, row_index)
-        dtype = q.dtype
-        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
-        scores = torch.matmul(q.to(work), k.to(work).transpose(-2, -1)) * scale
-        if call.is_causal:
-            rows = torch.arange(length, device=device)
-            if row_index is not None:
-                rows = rows[row_index]
-            allowed = rows[:, None] >= torch.arange(keys, device=device)[None, :]
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        if mask is not None:
-            if row_index is not None and mask.dim() >= 2 and mask.shape[-2] == length != 1:
-                mask = mask.index_select(-2, row_index)
-            if head_index is not None and mask.dim() >= 3 and mask.shape[-3] not in (1,):
-                mask = mask.index_select(-3, head_index)
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
+    rows = None  # the query positions kept, when not all
+    if queries is not None:
+        picked = _positions(queries, length, "queries")
+        if picked != list(range(length)):
+            rows = picked
+            first = picked[0]
+            if picked == list(range(first, first + len(picked))):
+                q = q.narrow(-2, first, len(picked))  # a view: no index, no copy
             else:
-                scores = scores + mask.to(work)
-        safe = getattr(torch, "_safe_softmax", None)
-        if safe is not None:
-            probs = safe(scores, -1)
-        else:  # pragma: no cover - torch before 2.5: fully masked rows are zeros there too
-            probs = torch.softmax(scores, -1).nan_to_num(0.0)
-        return probs.to(dtype)
-
-
-def _index(torch, selection, size, device, what):
-    """A LongTensor of the positions ``selection`` picks out of ``size``."""
-    if isinstance(selection, slice):
-        picked = list(range(size))[selection]
-    elif isinstance(selection, int):
-        picked = [selection]
+                q = q.index_select(-2, torch.tensor(picked, dtype=torch.long, device=device))
+    dtype = q.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+    q = q.to(work) * scale  # on q: fewer numbers than the scores
+    k = k.to(work)
+    if group > 1:
+        # grouped-query attention without repeating k: (..., kv, group, L, D) @ (..., kv, 1, D, S)
+        shape = q.shape
+        scores = torch.matmul(q.reshape(shape[:-3] + (k_heads, group) + shape[-2:]),
+                              k.unsqueeze(-3).transpose(-2, -1))
+        scores = scores.reshape(shape[:-3] + (q_heads, shape[-2], keys))
     else:
-        picked = list(selection)
+        scores = torch.matmul(q, k.transpose(-2, -1))
+    if call.is_causal:
+        positions = torch.arange(length, device=device) if rows is None else torch.tensor(
+            rows, device=device)
+        allowed = positions[:, None] >= torch.arange(keys, device=device)[None, :]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        if rows is not None and mask.dim() >= 2 and mask.shape[-2] == length != 1:
+            mask = mask[..., rows, :]
+        if head_index is not None and mask.dim() >= 3 and mask.shape[-3] != 1:
+            mask = mask.index_select(-3, head_index)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(work)
+    safe = getattr(torch, "_safe_softmax", None)
+    if safe is not None:
+        probs = safe(scores, -1)
+    else:  # pragma: no cover - torch before 2.5: fully masked rows are zeros there too
+        probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    return probs.to(dtype)
+
+
+def _positions(selection, size, what):
+    """The positions (non-negative ints) ``selection`` picks out of ``size``."""
+    if isinstance(selection, slice):
+        return list(range(size))[selection]
+    picked = [selection] if isinstance(selection, int) else list(selection)
     out = []
     for i in picked:
         if not -size <= i < size:
             raise IndexError("{}={!r}: position {} is out of range for {} {}".format(
                 what, selection, i, size, "heads" if what == "heads" else "queries"))
         out.append(i % size)
-    return torch.tensor(out, dtype=torch.long, device=device)
+    return out
+
+
+def _index(torch, selection, size, device, what):
+    """A LongTensor of the positions ``selection`` picks out of ``size``."""
+    return torch.tensor(_positions(selection, size, what), dtype=torch.long, device=device)
 
 
 # -- installing the seam --------------------------------------------------------------

@@ -67,6 +67,9 @@ def main(argv=None):
                         help="tiny sizes and 1-2 rounds: checks that everything runs (for CI)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
                         help="run only these sections")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of the end-to-end sections (ViT, BERT, compiled, "
+                             "generation) instead of the size's default: fewer on a busy machine")
     parser.add_argument("--anycapture-dir", default=_env.ANYCAPTURE_DIR,
                         help="where anycapture was installed with pip --target "
                              "(default: %(default)s)")
@@ -74,6 +77,11 @@ def main(argv=None):
                         help="fail instead of skipping the anycapture rows when it is missing")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        if args.rounds < 2:
+            parser.error("--rounds must be at least 2 (a ratio needs a spread)")
+        cfg = dict(cfg, **{key: args.rounds for key in (
+            "vit_s_rounds", "vit_b_rounds", "bert_rounds", "compiled_rounds", "gen_rounds")})
     # Children (memory, imports) run from the repository root with -m.
     os.chdir(_env.REPO)
     if _env.REPO not in sys.path:

@@ -18,10 +18,12 @@ by your code (or at once if it already is).  The families:
                ``'eager_attention_forward'``, source the attention module), as
                the module is imported; 4.x: ``<Family>SelfAttention.forward``
                (``attention_probs``).
-``'timm'``     the eager paths of timm's attention classes (``Attention``,
-               ``AttentionRope``, BEiT, EVA, Swin v1 and v2: ``attn``), which
-               Swin takes by default; on their fused path the kernel call
-               inside the same ``forward`` supplies ``attn``.
+``'timm'``     the eager paths of timm's attention classes: in every timm
+               module, the local each attention class's methods store a
+               softmax into (``attn`` of ``Attention``, Swin, CaiT, ConViT,
+               DaViT, EfficientFormer, Halo, ...), under the method's
+               qualname; on a fused path the kernel call inside the same
+               method supplies it.
 ``'torch'``    ``nn.MultiheadAttention``: its fast path, a native kernel that
                runs no Python, is off while capturing; calls that ask for
                weights keep them per head (``attn_output_weights``, key
@@ -77,8 +79,7 @@ TRANSFORMERS_FAMILIES = ("bert", "roberta", "distilbert", "vit", "gpt2", "llama"
 # matches", otherwise a mismatch is warned about).
 FAMILIES = {
     "kernel": ["kernel"],
-    "timm": [[Watch(module, qualname, ("attn",), family="timm")]
-             for module, qualname in _timm.ATTENTION],
+    "timm": ["timm"],
     "transformers": ["transformers"],
     "torch": ["torch"],
 }
@@ -131,6 +132,9 @@ def watch_attention(get_local, families=None):
             elif entry == "transformers":
                 paths.append("transformers.models.*.modeling_*.eager_attention_forward")
                 callback, module = _transformers_callback(ref, applied), None
+            elif entry == "timm":
+                paths.append("timm.*: the softmax output of each attention class")
+                callback, module = _timm_callback(ref, applied), None
             else:
                 first = next(w for w in entry if w is not None)
                 paths.append(first.path)
@@ -140,7 +144,8 @@ def watch_attention(get_local, families=None):
                 continue  # watching twice changes nothing
             applied.callbacks.append(callback)
             if module is None:
-                _imports.when_submodules_imported("transformers.models", callback)
+                _imports.when_submodules_imported(
+                    "transformers.models" if entry == "transformers" else "timm", callback)
             else:
                 _imports.when_imported(module, callback)
     return paths
@@ -204,6 +209,23 @@ def _transformers_callback(ref, applied):
                 "'variable').".format(module.__name__, exc), CaptureWarning, stacklevel=2)
 
     apply.preset = "transformers"
+    return apply
+
+
+def _timm_callback(ref, applied):
+    def apply(module):
+        get_local = ref()
+        if get_local is None:
+            return
+        try:
+            applied.functions.extend(_timm.watch_module(get_local, module))
+        except (ValueError, TypeError) as exc:
+            warnings.warn(
+                "visualizer: the eager attention of {} cannot be watched ({}); its fused "
+                "path is still captured at the kernel.".format(module.__name__, exc),
+                CaptureWarning, stacklevel=2)
+
+    apply.preset = "timm"
     return apply
 
 

@@ -14,7 +14,45 @@ preset.
 """
 from .. import _imports
 
+__all__ = ["wait_for_adapters", "watch_softmax_outputs"]
+
 _adapters_waiting = False
+
+
+def watch_softmax_outputs(get_local, module, named=True):
+    """Watch the eager attention of ``module``'s attention classes; return the functions.
+
+    In each class defined in ``module`` whose name says attention (``attn``,
+    ``attention``; every class with ``named=False``), every method that stores a softmax into a local
+    (``_rewrite.softmax_outputs``) is watched for that local, as a preset:
+    ``attn`` of timm's ``Attention.forward``, ``attention_probs`` of BLOOM,
+    ``attn_prob`` of XLNet's ``rel_attn_core``.  On a fused path the local is
+    unbound (or None) and the kernel call of the same method supplies it.
+    """
+    from .._rewrite import softmax_outputs
+
+    watched = []
+    for cls in list(vars(module).values()):
+        if not isinstance(cls, type) or cls.__module__ != module.__name__:
+            continue
+        lowered = cls.__name__.lower()
+        if named and "attention" not in lowered and "attn" not in lowered:
+            continue
+        for function in list(vars(cls).values()):
+            # the function a decorator wraps (transformers' @deprecate_kwarg, ...)
+            for _ in range(10):
+                inner = getattr(function, "__wrapped__", None)
+                if inner is None:
+                    break
+                function = inner
+            code = getattr(function, "__code__", None)
+            if code is None or not callable(function) or code.co_flags & 0x2A0:
+                continue  # not a plain function (generators and coroutines are refused)
+            names = softmax_outputs(code)
+            if names:
+                watched.append(get_local._watch(function, (names[0],), explicit=False,
+                                                attention=True))
+    return watched
 
 
 def wait_for_adapters():

@@ -71,25 +71,9 @@ def watch_modeling_module(get_local, module):
     # No module-level eager function (transformers 4.x, and 5.x models that
     # compute attention in their own methods: BLOOM, XLNet, ...): watch the
     # local each attention class's methods store a softmax into.
-    from .._rewrite import softmax_outputs
+    from . import watch_softmax_outputs
 
-    for cls in _classes_of(module):
-        if "attention" not in cls.__name__.lower() and "attn" not in cls.__name__.lower():
-            continue
-        for function in vars(cls).values():
-            code = getattr(function, "__code__", None)
-            if code is None or not callable(function):
-                continue
-            names = softmax_outputs(code)
-            if names:
-                watched.append(get_local._watch(function, (names[0],), explicit=False,
-                                                attention=True))
-    return watched
-
-
-def _classes_of(module):
-    return [obj for obj in vars(module).values()
-            if isinstance(obj, type) and obj.__module__ == module.__name__]
+    return watch_softmax_outputs(get_local, module)
 
 
 def on_sdpa_module(module):

@@ -1,0 +1,394 @@
+"""transformers: every model type, built tiny, checked against ``output_attentions`` under eager.
+
+For one model type (a key of ``CONFIG_MAPPING_NAMES``) :func:`check`
+
+1. makes a tiny configuration: the type's defaults with every width, depth,
+   head count, vocabulary and position limit shrunk, nested configurations
+   (``text_config``, ``vision_config``, ...) shrunk the same way, and special
+   token ids moved inside the small vocabulary;
+2. builds the model (``AutoModel``, else another auto class, else the
+   modeling module's own class for that configuration) with a fixed seed, and an
+   ``attn_implementation='eager'`` copy with the same weights;
+3. makes inputs from the names ``forward`` accepts (token ids with a padded
+   row, pixel values, decoder ids, audio features...), falling back to fewer
+   inputs (text only, then the non-text input only) when the model refuses them;
+4. runs the eager copy with ``output_attentions=True``: every tensor under an
+   output field named like attentions (``attentions``, ``cross_attentions``,
+   ``vision_model_output.attentions``, ...) is a reference map;
+5. runs the default model without capture, then under ``watch_attention()`` and
+   ``capture()``, and compares (see ``_compare``).
+"""
+import copy
+import inspect
+
+from ._compare import captured_maps, match_maps, one_line, outputs_equal, tensors_in
+
+__all__ = ["model_types", "tiny_config", "build", "make_inputs", "check", "versions"]
+
+BATCH = 2
+SEQ = 8
+DEC_SEQ = 5
+VOCAB = 99
+SEED = 0
+
+# attribute name -> tiny value; applied to integers larger than the tiny value.
+_HIDDEN = ("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim", "model_dim",
+           "embedding_size", "d_embed", "emb_dim", "embedding_dim", "projection_dim",
+           "out_hidden_size", "vision_hidden_size", "text_hidden_size", "encoder_hidden_size",
+           "decoder_hidden_size", "encoder_hidden_dim", "projector_hidden_size",
+           "output_hidden_size", "pooler_output_size", "fusion_hidden_size", "hidden_size_global",
+           "image_text_hidden_size", "classifier_proj_size", "audio_hidden_size",
+           "d_latents", "proj_dim", "projection_size", "output_dim", "mm_hidden_size",
+           "backbone_hidden_size", "attention_hidden_size", "pooler_hidden_size", "n_embed",
+           "word_embed_proj_dim", "intermediate_hidden_size", "memory_attention_hidden_size",
+           "memory_encoder_hidden_size", "fpn_hidden_size", "codevector_dim",
+           "proj_codevector_dim", "xvector_output_dim", "iou_head_hidden_dim", "d_inner_model")
+_FF = ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff", "n_inner",
+       "mlp_dim", "moe_intermediate_size", "shared_expert_intermediate_size",
+       "decoder_intermediate_size", "ffn_hidden_size", "d_inner", "intermediate_dim",
+       "expert_intermediate_size", "dense_intermediate_size", "mlp_hidden_size",
+       "encoder_intermediate_size", "vision_intermediate_size", "text_intermediate_size")
+_HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_attention_heads",
+          "decoder_attention_heads", "attention_heads", "num_decoder_attention_heads",
+          "num_encoder_attention_heads", "num_attention_heads_encoder", "num_attention_heads_decoder")
+_KV_HEADS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num",
+             "n_head_kv", "num_key_value_heads_encoder")
+_HEAD_DIM = ("head_dim", "d_kv", "attention_head_size", "kv_channels", "dim_head", "v_head_dim",
+             "qk_head_dim", "attention_head_dim", "head_size", "d_head")
+_LAYERS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
+           "decoder_layers", "num_encoder_layers", "num_decoder_layers", "depth", "num_blocks",
+           "n_layers_encoder", "num_text_layers", "num_vision_layers", "num_hidden_layers_encoder",
+           "num_hidden_layers_decoder", "text_num_hidden_layers", "vision_num_hidden_layers",
+           "num_cross_layers", "num_self_layers")
+_POSITIONS = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx",
+              "max_sequence_length", "max_target_positions", "max_text_len")
+_FIXED = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+          "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+          "num_experts_per_tok": 2, "moe_topk": 2, "n_shared_experts": 1, "n_group": 1,
+          "topk_group": 1, "hidden_size_per_layer_input": 8, "index_head_dim": 8,
+          "index_n_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+          "linear_num_key_heads": 2, "linear_num_value_heads": 4, "mamba_n_heads": 4,
+          "mamba_d_head": 8, "mamba_d_state": 8, "mamba_expand": 2, "state_size": 8,
+          "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4, "vocab_size": VOCAB,
+          "image_size": 32, "patch_size": 8, "sliding_window": 4, "attention_window": 4,
+          "num_queries": 10, "mm_tokens_per_image": 4, "image_seq_length": 4,
+          "max_source_positions": 32, "num_mel_bins": 16, "feature_size": 16,
+          "num_codebooks": 2, "codebook_size": 16, "local_window_size": 4}
+_RULES = {}
+for _names, _value in ((_HIDDEN, 32), (_FF, 37), (_HEADS, 4), (_KV_HEADS, 2), (_HEAD_DIM, 8),
+                       (_LAYERS, 2), (_POSITIONS, 64)):
+    for _name in _names:
+        _RULES[_name] = _value
+_RULES.update(_FIXED)
+# per-stage lists (hierarchical vision models): index -> value
+_STAGE_LISTS = {"depths": lambda i, v: 1, "hidden_sizes": lambda i, v: 16 * 2 ** i,
+                "num_heads": lambda i, v: min(2 ** i, 4), "num_attention_heads": lambda i, v: min(2 ** i, 4),
+                "embed_dim": lambda i, v: 16 * 2 ** i, "conv_dim": lambda i, v: 32,
+                "tdnn_dim": lambda i, v: 32, "neck_hidden_sizes": lambda i, v: 16 * 2 ** i,
+                "embedding_dimension": lambda i, v: 16 * 2 ** i}
+_TOKEN_SUFFIXES = ("_token_id", "_token_index", "_token_ids")
+
+
+def versions():
+    """``{'transformers': ..., 'torch': ...}``."""
+    import torch
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def model_types():
+    """Every model type the installed transformers knows, in its own order."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return list(CONFIG_MAPPING_NAMES)
+
+
+def _shrink_value(name, value, layers):
+    if isinstance(value, bool):
+        return value
+    if name in _RULES and isinstance(value, int):
+        return min(value, _RULES[name]) if name not in ("image_size", "patch_size") else _RULES[name]
+    if name in ("image_size", "patch_size") and isinstance(value, (list, tuple)) and len(value) == 2:
+        return type(value)([_RULES[name]] * 2)
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if name in _STAGE_LISTS:
+            return type(value)(_STAGE_LISTS[name](i, v) for i, v in enumerate(value))
+    if isinstance(value, (list, tuple)) and layers and len(value) == layers[0] and layers[0] > 2:
+        return type(value)(value[:layers[1]])  # per-layer lists (layer_types, ...)
+    return value
+
+
+def tiny_config(model_type):
+    """The tiny configuration of ``model_type`` (see the module docstring)."""
+    from transformers import AutoConfig
+
+    return _shrink(AutoConfig.for_model(model_type), {})
+
+
+def _shrink(config, token_ids):
+    """A new config of the same class with small sizes (recursing into nested configs)."""
+    from transformers import PretrainedConfig
+
+    values = config.to_dict()
+    layer_counts = [values[name] for name in _LAYERS if isinstance(values.get(name), int)]
+    layers = (max(layer_counts), 2) if layer_counts else None
+    overrides = {}
+    for name, value in vars(config).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, PretrainedConfig):
+            overrides[name] = _shrink(value, token_ids)
+            continue
+        if name.endswith(_TOKEN_SUFFIXES) and isinstance(value, int) and not isinstance(value, bool):
+            overrides[name] = _token_id(value, token_ids)
+            continue
+        if name.endswith(_TOKEN_SUFFIXES) and isinstance(value, list) and all(
+                isinstance(v, int) for v in value):
+            overrides[name] = [_token_id(v, token_ids) for v in value]
+            continue
+        new = _shrink_value(name, value, layers)
+        if new is not value:
+            overrides[name] = new
+    attempts = (lambda: dict(_init_values(config), **overrides), lambda: overrides)
+    for values in attempts:
+        try:
+            return type(config)(**values())
+        except Exception:
+            pass
+    tiny = copy.deepcopy(config)
+    for name, value in overrides.items():
+        setattr(tiny, name, value)
+    return tiny
+
+
+def _init_values(config):
+    """Values the class's ``__init__`` accepts, taken from the instance (nested configs as objects)."""
+    try:
+        parameters = inspect.signature(type(config).__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {name: vars(config)[name] for name in parameters
+            if name in vars(config) and name not in ("self", "kwargs") and not name.startswith("_")}
+
+
+def _token_id(value, token_ids):
+    """Move a special token id inside the tiny vocabulary (the same old id maps to the same new one)."""
+    if value < 0:
+        return value
+    if value < 3:
+        return value
+    if value not in token_ids:
+        token_ids[value] = VOCAB - 1 - len(token_ids)
+    return token_ids[value]
+
+
+def _model_class(config, model_type):
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    names = []
+    mappings = [modeling_auto.MODEL_MAPPING_NAMES] + [
+        getattr(modeling_auto, n) for n in sorted(dir(modeling_auto))
+        if n.endswith("_MAPPING_NAMES") and n not in ("MODEL_MAPPING_NAMES", "CONFIG_MAPPING_NAMES")]
+    for mapping in mappings:
+        found = mapping.get(model_type)
+        if found:
+            names.extend([found] if isinstance(found, str) else list(found))
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    module = inspect.getmodule(type(config))
+    if module is not None:
+        import importlib
+
+        modeling = module.__name__.replace(".configuration_", ".modeling_")
+        try:
+            modeling = importlib.import_module(modeling)
+        except ImportError:
+            modeling = None
+        if modeling is not None:
+            candidates = [obj for name, obj in vars(modeling).items()
+                          if inspect.isclass(obj) and getattr(obj, "config_class", None) is type(config)
+                          and hasattr(obj, "from_config") or
+                          inspect.isclass(obj) and getattr(obj, "config_class", None) is type(config)]
+            candidates.sort(key=lambda c: (not c.__name__.endswith("Model"), len(c.__name__)))
+            if candidates:
+                return candidates[0]
+    raise LookupError("no model class for {}".format(type(config).__name__))
+
+
+def build(model_type):
+    """``(model, eager_copy, config)``: the default model and an eager copy with the same weights."""
+    import torch
+
+    config = tiny_config(model_type)
+    cls = _model_class(config, model_type)
+    torch.manual_seed(SEED)
+    if hasattr(cls, "_from_config"):
+        model = cls._from_config(config)
+    else:
+        model = cls(config)
+    model.eval()
+    eager = copy.deepcopy(model)
+    if hasattr(eager, "set_attn_implementation"):
+        eager.set_attn_implementation("eager")
+    eager.eval()
+    return model, eager, config
+
+
+def _sub(config, *names):
+    """The first nested config among ``names`` (or the config itself)."""
+    for name in names:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            return sub
+    return config
+
+
+def _find(config, name, default=None):
+    """``name`` from the config or its nested configs (vision first)."""
+    seen = [config]
+    for sub in ("vision_config", "backbone_config", "encoder_config", "encoder", "image_config",
+                "audio_config", "text_config", "decoder_config", "decoder"):
+        value = getattr(config, sub, None)
+        if value is not None and hasattr(value, "to_dict"):
+            seen.append(value)
+    for cfg in seen:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def make_inputs(model, config):
+    """A list of input dicts to try in order: everything ``forward`` accepts, then fewer."""
+    import torch
+
+    parameters = inspect.signature(model.forward).parameters
+    g = torch.Generator().manual_seed(SEED)
+    vocab = getattr(_sub(config, "text_config"), "vocab_size", None) or VOCAB
+    high = max(5, min(vocab, VOCAB) - 30)  # leave the ids of special tokens out
+    ids = torch.randint(3, high, (BATCH, SEQ), generator=g)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, -2:] = 0
+    found = {}
+    if "input_ids" in parameters:
+        found["input_ids"] = ids
+        if "attention_mask" in parameters:
+            found["attention_mask"] = mask
+        if "token_type_ids" in parameters:
+            found["token_type_ids"] = torch.zeros_like(ids)
+    if "decoder_input_ids" in parameters and (getattr(config, "is_encoder_decoder", False)
+                                              or "input_ids" not in found):
+        found["decoder_input_ids"] = torch.randint(3, high, (BATCH, DEC_SEQ), generator=g)
+    if "bbox" in parameters:
+        box = torch.randint(0, 500, (BATCH, SEQ, 2), generator=g)
+        found["bbox"] = torch.cat([box, box + 10], dim=-1)
+    modal = {}
+    if "pixel_values" in parameters:
+        size = _find(config, "image_size", 32)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        channels = _find(config, "num_channels", 3)
+        shape = (BATCH, channels) + size[-2:]
+        if _find(config, "num_frames", None) and "video" in type(model).__name__.lower():
+            shape = (BATCH, _find(config, "num_frames")) + shape[1:]
+        modal["pixel_values"] = torch.randn(*shape, generator=g)
+    if "input_features" in parameters:
+        mel = _find(config, "num_mel_bins", None)
+        source = _find(config, "max_source_positions", None)
+        if mel is not None and source is not None:  # whisper-like: (B, mels, 2 * positions)
+            modal["input_features"] = torch.randn(BATCH, mel, 2 * source, generator=g)
+        else:
+            width = (_find(config, "input_feat_per_channel", None) or _find(config, "feature_size", 16)) * (
+                _find(config, "input_channels", 1) or 1)
+            modal["input_features"] = torch.randn(BATCH, 32, width, generator=g)
+    if "input_values" in parameters:
+        modal["input_values"] = torch.randn(BATCH, 3200, generator=g)
+    tries = []
+    full = dict(found, **modal)
+    tries.append(full)
+    if modal and "input_ids" in found:
+        tries.append(dict(found))
+    if modal:
+        only = dict(modal)
+        if "decoder_input_ids" in found:
+            only["decoder_input_ids"] = found["decoder_input_ids"]
+        tries.append(only)
+    common = {}
+    if "use_cache" in parameters or _accepts_kwargs(parameters):
+        common["use_cache"] = False
+    if "return_dict" in parameters or _accepts_kwargs(parameters):
+        common["return_dict"] = True
+    return [dict(t, **common) for t in tries if t]
+
+
+def _accepts_kwargs(parameters):
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _is_attention(path):
+    return any("attention" in part and "mask" not in part for part in path.split("."))
+
+
+def _forward(model, inputs, **extra):
+    import torch
+
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        return model(**dict(inputs, **extra))
+
+
+def check(model_type):
+    """Check one model type; returns a dict with ``status`` and ``reason`` (see the package docstring)."""
+    import torch
+
+    from visualizer import get_local
+
+    torch.set_num_threads(1)
+    try:
+        model, eager, config = build(model_type)
+    except Exception as error:
+        return {"status": "not built", "reason": one_line(error)}
+    result = {"model": type(model).__name__,
+              "implementation": getattr(model.config, "_attn_implementation", None)}
+    tries = make_inputs(model, config)
+    if not tries:
+        return dict(result, status="not built", reason="no known input among the forward's parameters")
+    errors = []
+    reference = None
+    for inputs in tries:
+        try:
+            out = _forward(eager, inputs, output_attentions=True)
+        except Exception as error:
+            errors.append(one_line(error, 200))
+            continue
+        reference = [t for _, t in tensors_in(out, keep=_is_attention)]
+        result["inputs"] = ",".join(k for k in inputs if k not in ("use_cache", "return_dict"))
+        break
+    if reference is None:
+        return dict(result, status="not built", reason="eager forward failed: " + errors[0])
+    reference = [t.detach().float().numpy() for t in reference if t.dim() >= 2]
+    if not reference:
+        return dict(result, status="no attention", reason="no attention maps under eager with output_attentions")
+    result["maps"] = len(reference)
+    try:
+        plain = _forward(model, inputs)
+    except Exception as error:
+        return dict(result, status="missed", reason="default implementation failed: " + one_line(error))
+    try:
+        with get_local.capture() as cache:
+            captured = _forward(model, inputs)
+    except Exception as error:
+        return dict(result, status="missed", reason="forward under capture raised " + one_line(error))
+    maps = captured_maps(cache)
+    result["captured"] = len(maps)
+    unmatched, why = match_maps(reference, maps)
+    changed = outputs_equal(plain, captured)
+    result["unmatched"] = unmatched
+    reasons = [r for r in (why, changed) if r]
+    if reasons:
+        return dict(result, status="missed", reason="; ".join(reasons))
+    return dict(result, status="covered", reason="")

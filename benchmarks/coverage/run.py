@@ -1,0 +1,136 @@
+"""``python -m benchmarks.coverage``: sweep transformers and timm under capture, write COVERAGE.md.
+
+    python -m benchmarks.coverage                                   # both libraries, every architecture
+    python -m benchmarks.coverage --library timm --only vit_small_patch16_224,cait_xxs24_224
+    python -m benchmarks.coverage --jobs 2 --out COVERAGE.md --json results.json
+
+Each architecture runs in its own forked child (memory cap ``--memory-gb``,
+time limit ``--timeout``).  Progress goes to stderr, one line per
+architecture; the table goes to ``--out`` (and the raw results to ``--json``).
+Exits 0 when every architecture could be checked (a miss is a result, not a
+failure of the sweep), 2 on bad arguments.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+from . import _report, _sandbox
+
+LIBRARIES = ("transformers", "timm")
+
+
+def _log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def _library(name):
+    if name == "transformers":
+        from . import _hf as module
+    else:
+        from . import _timm as module
+    return module
+
+
+def prepare(library):
+    """Import the library (and watch it) once in the parent, so that every forked child shares it."""
+    import torch
+
+    torch.set_num_threads(1)
+    from visualizer import get_local
+
+    get_local.watch_attention()
+    if library == "transformers":
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        from transformers.models.auto import modeling_auto  # noqa: F401  (the auto tables)
+    else:
+        import timm  # noqa: F401
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def sweep(library, only=None, jobs=1, memory_gb=6.0, timeout=180.0, quiet=True, progress=True):
+    """Check every architecture of ``library`` (or those in ``only``); return ``(results, seconds)``."""
+    prepare(library)
+    module = _library(library)
+    names = module.model_types() if hasattr(module, "model_types") else module.model_names()
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown and library == "transformers":
+            raise SystemExit("python -m benchmarks.coverage: error: unknown {} architecture(s): {}".format(
+                library, ", ".join(unknown)))
+        names = [n for n in only if n in names or library == "timm"]
+    started = time.monotonic()
+    width = len(str(len(names)))
+
+    def on_result(index, result):
+        if progress:
+            _log("[{}/{}] {} {}: {} {} ({:.1f} s)".format(
+                str(index + 1).rjust(width), len(names), library, result["name"], result["status"],
+                result.get("reason", "")[:160], result["seconds"]))
+
+    results = _sandbox.run_all(module.check, names, jobs=jobs, memory_gb=memory_gb,
+                               seconds=timeout, quiet=quiet, on_result=on_result)
+    for result in results:
+        result["library"] = library
+    return results, time.monotonic() - started
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.coverage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--library", choices=LIBRARIES, action="append",
+                        help="sweep only this library (repeatable; default: both)")
+    parser.add_argument("--only", help="comma-separated architectures (model types or timm names)")
+    parser.add_argument("--jobs", type=int, default=1, help="architectures checked at once (default 1)")
+    parser.add_argument("--memory-gb", type=float, default=6.0,
+                        help="address-space cap of each child in GiB (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=180.0,
+                        help="seconds each architecture may take (default %(default)s)")
+    parser.add_argument("--out", default=None, help="write the Markdown table here (default: stdout)")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--verbose", action="store_true", help="let the children print")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1, got {}".format(args.jobs))
+    libraries = args.library or list(LIBRARIES)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    if only is not None and not only:
+        parser.error("--only names no architecture")
+    if only and len(libraries) > 1:
+        parser.error("--only needs one --library")
+    # Each library in its own child of this process: their imports do not mix.
+    sections = []
+    for library in libraries:
+        pid_results = _sandbox.run_all(
+            lambda lib: _sweep_child(lib, only, args), [library], jobs=1, memory_gb=0,
+            seconds=24 * 3600, quiet=False)
+        outcome = pid_results[0]
+        if "results" not in outcome:
+            _log("{} sweep failed: {}".format(library, outcome.get("reason")))
+            return 1
+        sections.append(outcome)
+    text = _report.markdown(sections)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        _log("wrote " + args.out)
+    else:
+        sys.stdout.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(sections, f, indent=1)
+    return 0
+
+
+def _sweep_child(library, only, args):
+    module = _library(library)
+    results, seconds = sweep(library, only, jobs=args.jobs, memory_gb=args.memory_gb,
+                             timeout=args.timeout, quiet=not args.verbose)
+    return {"library": library, "versions": module.versions(), "seconds": round(seconds, 1),
+            "results": results, "date": time.strftime("%Y-%m-%d")}

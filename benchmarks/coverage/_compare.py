@@ -72,13 +72,17 @@ def match_maps(reference, captured):
     match and a one-line description of them (empty when all matched).
     """
     by_shape = collections.defaultdict(list)
+    by_layout = collections.defaultdict(list)  # (B*H, N, M) and (B, H, N, M) hold the same values
     for array in captured:
         by_shape[array.shape].append(array)
+        by_layout[(array.size, array.shape[-2:])].append(array)
     missing_shape = collections.Counter()
     wrong_value = collections.Counter()
     closest = {}
     for ref in reference:
         candidates = by_shape.get(ref.shape, [])
+        if not candidates:
+            candidates = [c.reshape(ref.shape) for c in by_layout.get((ref.size, ref.shape[-2:]), [])]
         if not candidates:
             missing_shape[ref.shape] += 1
             continue

@@ -67,7 +67,7 @@ _FIXED = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope
           "num_experts_per_tok": 2, "moe_topk": 2, "n_shared_experts": 1, "n_group": 1,
           "topk_group": 1, "hidden_size_per_layer_input": 8, "index_head_dim": 8,
           "index_n_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
-          "linear_num_key_heads": 2, "linear_num_value_heads": 4, "mamba_n_heads": 4,
+          "linear_num_key_heads": 2, "linear_num_value_heads": 4, "mamba_n_heads": 8,
           "mamba_d_head": 8, "mamba_d_state": 8, "mamba_expand": 2, "state_size": 8,
           "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4, "vocab_size": VOCAB,
           "image_size": 32, "patch_size": 8, "sliding_window": 4, "attention_window": 4,
@@ -75,7 +75,7 @@ _FIXED = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope
           "max_source_positions": 32, "num_mel_bins": 16, "feature_size": 16,
           "num_codebooks": 2, "codebook_size": 16, "local_window_size": 4}
 _RULES = {}
-for _names, _value in ((_HIDDEN, 32), (_FF, 37), (_HEADS, 4), (_KV_HEADS, 2), (_HEAD_DIM, 8),
+for _names, _value in ((_HIDDEN, 32), (_FF, 40), (_HEADS, 4), (_KV_HEADS, 2), (_HEAD_DIM, 8),
                        (_LAYERS, 2), (_POSITIONS, 64)):
     for _name in _names:
         _RULES[_name] = _value
@@ -86,6 +86,14 @@ _STAGE_LISTS = {"depths": lambda i, v: 1, "hidden_sizes": lambda i, v: 16 * 2 **
                 "embed_dim": lambda i, v: 16 * 2 ** i, "conv_dim": lambda i, v: 32,
                 "tdnn_dim": lambda i, v: 32, "neck_hidden_sizes": lambda i, v: 16 * 2 ** i,
                 "embedding_dimension": lambda i, v: 16 * 2 ** i}
+# hierarchical (multi-stage) vision configs: a 32 px image must survive every downsampling
+_STAGED = {"patch_size": 2, "window_size": 2}
+# a few types need one more setting to run at all at tiny sizes
+_TYPE_FIXES = {
+    "big_bird": {"attention_type": "original_full"},  # block sparse needs > 700 tokens
+    "bigbird_pegasus": {"attention_type": "original_full"},
+    "audio-spectrogram-transformer": {"max_length": 32},  # spectrogram frames, fixed at build
+}
 _TOKEN_SUFFIXES = ("_token_id", "_token_index", "_token_ids")
 
 
@@ -124,7 +132,10 @@ def tiny_config(model_type):
     """The tiny configuration of ``model_type`` (see the module docstring)."""
     from transformers import AutoConfig
 
-    return _shrink(AutoConfig.for_model(model_type), {})
+    config = _shrink(AutoConfig.for_model(model_type), {})
+    for name, value in _TYPE_FIXES.get(model_type, {}).items():
+        setattr(config, name, value)
+    return config
 
 
 def _shrink(config, token_ids):
@@ -149,6 +160,8 @@ def _shrink(config, token_ids):
             overrides[name] = [_token_id(v, token_ids) for v in value]
             continue
         new = _shrink_value(name, value, layers)
+        if name in _STAGED and isinstance(values.get("depths"), (list, tuple)) and isinstance(value, int):
+            new = _STAGED[name]
         if new is not value:
             overrides[name] = new
     attempts = (lambda: dict(_init_values(config), **overrides), lambda: overrides)
@@ -306,7 +319,12 @@ def make_inputs(model, config):
                 _find(config, "input_channels", 1) or 1)
             modal["input_features"] = torch.randn(BATCH, 32, width, generator=g)
     if "input_values" in parameters:
-        modal["input_values"] = torch.randn(BATCH, 3200, generator=g)
+        mel = _find(config, "num_mel_bins", None)
+        frames = _find(config, "max_length", None)
+        if mel is not None and frames is not None:  # spectrogram patches (AST): (B, frames, mels)
+            modal["input_values"] = torch.randn(BATCH, frames, mel, generator=g)
+        else:  # raw audio (wav2vec2 and kin)
+            modal["input_values"] = torch.randn(BATCH, 3200, generator=g)
     tries = []
     full = dict(found, **modal)
     tries.append(full)

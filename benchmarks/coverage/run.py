@@ -46,7 +46,20 @@ def prepare(library):
         import transformers
 
         transformers.logging.set_verbosity_error()
-        from transformers.models.auto import modeling_auto  # noqa: F401  (the auto tables)
+        import importlib
+
+        # What every modeling module imports (modeling_utils, generation, masks,
+        # torch.distributed.tensor...) takes seconds: import it once here, not
+        # in each child.  A few common modeling modules pull all of it in.
+        for name in ("transformers.models.auto.modeling_auto", "transformers.modeling_utils",
+                     "transformers.generation.utils", "transformers.masking_utils",
+                     "transformers.models.llama.modeling_llama", "transformers.models.bert.modeling_bert",
+                     "transformers.models.t5.modeling_t5", "transformers.models.clip.modeling_clip",
+                     "transformers.models.whisper.modeling_whisper", "transformers.models.vit.modeling_vit"):
+            try:
+                importlib.import_module(name)
+            except Exception:  # a missing optional dependency: the child will say so
+                pass
     else:
         import timm  # noqa: F401
     warnings.simplefilter("ignore")
@@ -58,7 +71,7 @@ def sweep(library, only=None, jobs=1, memory_gb=6.0, timeout=180.0, quiet=True, 
     """Check every architecture of ``library`` (or those in ``only``); return ``(results, seconds)``."""
     prepare(library)
     module = _library(library)
-    names = module.model_types() if hasattr(module, "model_types") else module.model_names()
+    names = module.model_types() if library == "transformers" else module.model_names()
     if only:
         unknown = [n for n in only if n not in names]
         if unknown and library == "transformers":
@@ -104,13 +117,10 @@ def main(argv=None):
         parser.error("--only names no architecture")
     if only and len(libraries) > 1:
         parser.error("--only needs one --library")
-    # Each library in its own child of this process: their imports do not mix.
     sections = []
     for library in libraries:
-        pid_results = _sandbox.run_all(
-            lambda lib: _sweep_child(lib, only, args), [library], jobs=1, memory_gb=0,
-            seconds=24 * 3600, quiet=False)
-        outcome = pid_results[0]
+        outcome = sweep_isolated(library, only, jobs=args.jobs, memory_gb=args.memory_gb,
+                                 timeout=args.timeout, quiet=not args.verbose)
         if "results" not in outcome:
             _log("{} sweep failed: {}".format(library, outcome.get("reason")))
             return 1
@@ -128,9 +138,15 @@ def main(argv=None):
     return 0
 
 
-def _sweep_child(library, only, args):
-    module = _library(library)
-    results, seconds = sweep(library, only, jobs=args.jobs, memory_gb=args.memory_gb,
-                             timeout=args.timeout, quiet=not args.verbose)
-    return {"library": library, "versions": module.versions(), "seconds": round(seconds, 1),
-            "results": results, "date": time.strftime("%Y-%m-%d")}
+def sweep_isolated(library, only=None, jobs=1, memory_gb=6.0, timeout=180.0, quiet=True, progress=True):
+    """:func:`sweep` in a forked child of this process, which keeps the library's imports and the watched
+    presets out of the caller; returns ``{'library', 'versions', 'seconds', 'date', 'results'}``, or
+    ``{'status': 'not built', 'reason': ...}`` if the sweep itself failed."""
+    def child(library):
+        module = _library(library)
+        results, seconds = sweep(library, only, jobs=jobs, memory_gb=memory_gb, timeout=timeout,
+                                 quiet=quiet, progress=progress)
+        return {"library": library, "versions": module.versions(), "seconds": round(seconds, 1),
+                "results": results, "date": time.strftime("%Y-%m-%d")}
+
+    return _sandbox.run_all(child, [library], jobs=1, memory_gb=0, seconds=24 * 3600, quiet=False)[0]

@@ -1,0 +1,75 @@
+"""A fixed sample of the coverage sweep (``python -m benchmarks.coverage``), run on every submission.
+
+About thirty architectures chosen to span the attention styles: encoders,
+decoders with GQA and sliding windows, encoder-decoders with cross
+attention, vision and speech towers, an eager-only model (XLNet), and timm's
+own attention classes (class attention, cross-covariance, windowed,
+spatial-reduction, pooling, multi-scale, mask-unit attention).  Each is
+checked exactly as in the full sweep, in a forked child with a memory cap and
+a time limit: every map of an independent reference (``output_attentions``
+under eager; softmax outputs and recomputed SDPA probabilities with timm's
+fused path off) must equal a captured map, and the outputs under capture must
+be bit-identical to the outputs without.  Known misses are ``xfail`` with
+their reason (strict: a fix makes them fail until they are moved back).
+"""
+import pytest
+
+from conftest import require
+
+TRANSFORMERS = ["bert", "roberta", "gpt2", "llama", "mistral", "gemma2", "qwen2", "t5", "bart",
+                "clip", "vit", "whisper", "xlnet", "deberta-v2", "opt"]
+TIMM = ["vit_small_patch16_224", "deit_tiny_patch16_224", "beit_base_patch16_224",
+        "eva02_tiny_patch14_224", "swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224",
+        "cait_xxs24_224", "xcit_nano_12_p16_224", "levit_128s", "pvt_v2_b0", "twins_svt_small",
+        "maxvit_nano_rw_256", "mvitv2_tiny", "hiera_tiny_224", "efficientformer_l1",
+        "crossvit_tiny_240"]
+# Architectures whose attention is not softmax attention: the sweep must say so.
+NO_ATTENTION = {("timm", "coat_lite_tiny"): "factorized (linear) attention: softmax over keys only"}
+
+# (library, name) -> why it is not covered yet.
+KNOWN_MISSES = {}
+
+
+_SWEPT = {}
+
+
+def _check(library, name):
+    """The sweep's result for one architecture; each library's sample is swept once, as the sweep does
+    (its own forked process, a forked child per architecture with a memory cap and a time limit)."""
+    require("torch")
+    require(library)
+    if library not in _SWEPT:
+        from benchmarks.coverage import run
+
+        names = [n for lib, n in _all() if lib == library]
+        section = run.sweep_isolated(library, names, memory_gb=8.0, timeout=300.0, progress=False)
+        assert "results" in section, section
+        _SWEPT[library] = {r["name"]: r for r in section["results"]}
+    return _SWEPT[library][name]
+
+
+def _all():
+    return ([("transformers", n) for n in TRANSFORMERS] + [("timm", n) for n in TIMM]
+            + sorted(NO_ATTENTION))
+
+
+def _cases():
+    for library, names in (("transformers", TRANSFORMERS), ("timm", TIMM)):
+        for name in names:
+            reason = KNOWN_MISSES.get((library, name))
+            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+            yield pytest.param(library, name, id="{}-{}".format(library, name), marks=marks)
+
+
+@pytest.mark.parametrize("library, name", list(_cases()))
+def test_captured_maps_equal_the_reference_and_outputs_are_unchanged(library, name):
+    result = _check(library, name)
+    assert result["status"] == "covered", "{} {}: {} ({})".format(
+        library, name, result["status"], result.get("reason"))
+    assert result["maps"] > 0 and result["unmatched"] == 0
+
+
+@pytest.mark.parametrize("library, name", sorted(NO_ATTENTION))
+def test_attention_without_a_probability_matrix_is_reported_as_such(library, name):
+    result = _check(library, name)
+    assert result["status"] == "no attention", result

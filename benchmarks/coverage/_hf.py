@@ -54,7 +54,7 @@ _HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "encoder_atte
 _KV_HEADS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num",
              "n_head_kv", "num_key_value_heads_encoder")
 _HEAD_DIM = ("head_dim", "d_kv", "attention_head_size", "kv_channels", "dim_head", "v_head_dim",
-             "qk_head_dim", "attention_head_dim", "head_size", "d_head")
+             "attention_head_dim", "head_size", "d_head")
 _LAYERS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
            "decoder_layers", "num_encoder_layers", "num_decoder_layers", "depth", "num_blocks",
            "n_layers_encoder", "num_text_layers", "num_vision_layers", "num_hidden_layers_encoder",
@@ -62,7 +62,8 @@ _LAYERS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_la
            "num_cross_layers", "num_self_layers")
 _POSITIONS = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx",
               "max_sequence_length", "max_target_positions", "max_text_len")
-_FIXED = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+_FIXED = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+          "qk_head_dim": 16, "rotary_dim": 4, "rotary_emb_dim": 4,
           "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
           "num_experts_per_tok": 2, "moe_topk": 2, "n_shared_experts": 1, "n_group": 1,
           "topk_group": 1, "hidden_size_per_layer_input": 8, "index_head_dim": 8,
@@ -73,7 +74,9 @@ _FIXED = {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope
           "image_size": 32, "patch_size": 8, "sliding_window": 4, "attention_window": 4,
           "num_queries": 10, "mm_tokens_per_image": 4, "image_seq_length": 4,
           "max_source_positions": 32, "num_mel_bins": 16, "feature_size": 16,
-          "num_codebooks": 2, "codebook_size": 16, "local_window_size": 4}
+          "num_codebooks": 2, "codebook_size": 16, "local_window_size": 4, "num_frames": 2,
+          "moe_k": 2, "top_k": 2, "n_activated_experts": 2, "num_activated_experts": 2,
+          "num_kv_shared_layers": 0}
 _RULES = {}
 for _names, _value in ((_HIDDEN, 32), (_FF, 40), (_HEADS, 4), (_KV_HEADS, 2), (_HEAD_DIM, 8),
                        (_LAYERS, 2), (_POSITIONS, 64)):
@@ -93,6 +96,7 @@ _TYPE_FIXES = {
     "big_bird": {"attention_type": "original_full"},  # block sparse needs > 700 tokens
     "bigbird_pegasus": {"attention_type": "original_full"},
     "audio-spectrogram-transformer": {"max_length": 32},  # spectrogram frames, fixed at build
+    "esm": {"pad_token_id": 1, "mask_token_id": 2},  # its default has no padding id, which it needs
 }
 _TOKEN_SUFFIXES = ("_token_id", "_token_index", "_token_ids")
 
@@ -160,6 +164,19 @@ def _shrink(config, token_ids):
             overrides[name] = [_token_id(v, token_ids) for v in value]
             continue
         new = _shrink_value(name, value, layers)
+        if name in _KV_HEADS and isinstance(values.get("kv_lora_rank"), int):
+            new = _RULES["num_attention_heads"]  # multi-head latent attention has no grouped keys
+        if name == "vocab_size" and value is None:
+            new = VOCAB
+        if name == "rope_parameters" and isinstance(value, dict) and (
+                "mrope_section" in value
+                or "mrope_section" in getattr(type(config), "ignore_keys_at_rope_validation", ())):
+            # multimodal rotary sections (t, h, w) must sum to head_dim / 2; the modeling code
+            # falls back to sections for the full-size model when the config has none
+            sections = value.get("mrope_section") or [1, 1, 1]
+            new = dict(value, mrope_section=_split(_RULES["head_dim"] // 2, len(sections)))
+        if name == "head_dim" and isinstance(values.get("qk_rope_head_dim"), int):
+            new = _RULES["qk_rope_head_dim"]  # multi-head latent attention: rotary dims = head_dim
         if name in _STAGED and isinstance(values.get("depths"), (list, tuple)) and isinstance(value, int):
             new = _STAGED[name]
         if new is not value:
@@ -167,13 +184,25 @@ def _shrink(config, token_ids):
     attempts = (lambda: dict(_init_values(config), **overrides), lambda: overrides)
     for values in attempts:
         try:
-            return type(config)(**values())
+            tiny = type(config)(**values())
         except Exception:
-            pass
+            continue
+        # attributes a parent config set after building this one (not __init__ arguments)
+        for name, value in vars(config).items():
+            if name not in vars(tiny) and not name.startswith("__"):
+                setattr(tiny, name, value)
+        return tiny
     tiny = copy.deepcopy(config)
     for name, value in overrides.items():
         setattr(tiny, name, value)
     return tiny
+
+
+def _split(total, parts):
+    """``parts`` positive integers summing to ``total`` (the first takes the remainder)."""
+    parts = max(1, min(parts, total))
+    base = total // parts
+    return [base + total - base * parts] + [base] * (parts - 1)
 
 
 def _init_values(config):
@@ -245,6 +274,9 @@ def build(model_type):
     else:
         model = cls(config)
     model.eval()
+    languages = getattr(config, "languages", None)
+    if hasattr(model, "set_default_language") and languages:  # X-MOD: one adapter per language
+        model.set_default_language(list(languages)[0])
     eager = copy.deepcopy(model)
     if hasattr(eager, "set_attn_implementation"):
         eager.set_attn_implementation("eager")
@@ -276,13 +308,37 @@ def _find(config, name, default=None):
     return default
 
 
+def _image_token(config):
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and 0 <= value < VOCAB:
+            return value
+    return None
+
+
+def _count_features(features, width):
+    """The number of feature vectors in whatever ``get_image_features`` returned."""
+    import torch
+
+    if hasattr(features, "pooler_output") and features.pooler_output is not None:
+        features = features.pooler_output
+    elif hasattr(features, "last_hidden_state"):
+        features = features.last_hidden_state
+    if isinstance(features, torch.Tensor):
+        return features.numel() // width
+    if isinstance(features, (list, tuple)):
+        return sum(_count_features(f, width) for f in features)
+    raise TypeError("cannot count image features of type {}".format(type(features).__name__))
+
+
 def make_inputs(model, config):
     """A list of input dicts to try in order: everything ``forward`` accepts, then fewer."""
     import torch
 
     parameters = inspect.signature(model.forward).parameters
     g = torch.Generator().manual_seed(SEED)
-    vocab = getattr(_sub(config, "text_config"), "vocab_size", None) or VOCAB
+    text = _sub(config, "text_config")
+    vocab = getattr(text, "vocab_size", None) or VOCAB
     high = max(5, min(vocab, VOCAB) - 30)  # leave the ids of special tokens out
     ids = torch.randint(3, high, (BATCH, SEQ), generator=g)
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
@@ -293,22 +349,45 @@ def make_inputs(model, config):
         if "attention_mask" in parameters:
             found["attention_mask"] = mask
         if "token_type_ids" in parameters:
-            found["token_type_ids"] = torch.zeros_like(ids)
+            types = getattr(config, "type_vocab_sizes", None)  # TAPAS: several token type ids
+            found["token_type_ids"] = (torch.zeros(BATCH, SEQ, len(types), dtype=torch.long)
+                                       if isinstance(types, (list, tuple)) else torch.zeros_like(ids))
+    for name in ("qformer_input_ids", "qformer_attention_mask"):  # InstructBLIP
+        if name in parameters:
+            found[name] = ids if name.endswith("ids") else mask
     if "decoder_input_ids" in parameters and (getattr(config, "is_encoder_decoder", False)
                                               or "input_ids" not in found):
         found["decoder_input_ids"] = torch.randint(3, high, (BATCH, DEC_SEQ), generator=g)
     if "bbox" in parameters:
         box = torch.randint(0, 500, (BATCH, SEQ, 2), generator=g)
         found["bbox"] = torch.cat([box, box + 10], dim=-1)
+    if "visual_feats" in parameters:  # LXMERT: region features and boxes
+        found["visual_feats"] = torch.randn(BATCH, 4, _find(config, "visual_feat_dim", 32), generator=g)
+        found["visual_pos"] = torch.rand(BATCH, 4, _find(config, "visual_pos_dim", 4), generator=g)
     modal = {}
-    if "pixel_values" in parameters:
-        size = _find(config, "image_size", 32)
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        channels = _find(config, "num_channels", 3)
+    size = _find(config, "image_size", 32)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    channels = _find(config, "num_channels", None) or _find(config, "in_channels", 3)
+    patch = _find(config, "patch_size", 8)
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+    grid_name = next((n for n in ("image_grid_thw", "grid_thw") if n in parameters), None)
+    if grid_name is not None:  # Qwen2-VL and kin: flattened patches and a (t, h, w) grid per image
+        temporal = _find(config, "temporal_patch_size", 1) or 1
+        temporal = temporal[0] if isinstance(temporal, (list, tuple)) else temporal
+        pixels = "pixel_values" if "pixel_values" in parameters else "hidden_states"
+        modal[pixels] = torch.randn(BATCH * 16, channels * temporal * patch * patch, generator=g)
+        modal[grid_name] = torch.tensor([[1, 4, 4]] * BATCH)
+    elif "spatial_shapes" in parameters and "pixel_values" in parameters:  # SigLIP 2 (NaFlex)
+        modal["pixel_values"] = torch.randn(BATCH, 16, channels * patch * patch, generator=g)
+        modal["spatial_shapes"] = torch.tensor([[4, 4]] * BATCH)
+        modal["pixel_attention_mask"] = torch.ones(BATCH, 16, dtype=torch.long)
+    elif "pixel_values" in parameters or "pixel_values_videos" in parameters:
         shape = (BATCH, channels) + size[-2:]
-        if _find(config, "num_frames", None) and "video" in type(model).__name__.lower():
-            shape = (BATCH, _find(config, "num_frames")) + shape[1:]
-        modal["pixel_values"] = torch.randn(*shape, generator=g)
+        frames = _find(config, "num_frames", None)
+        name = "pixel_values" if "pixel_values" in parameters else "pixel_values_videos"
+        if name == "pixel_values_videos" or frames:
+            shape = (BATCH, frames or 2) + shape[1:]
+        modal[name] = torch.randn(*shape, generator=g)
     if "input_features" in parameters:
         mel = _find(config, "num_mel_bins", None)
         source = _find(config, "max_source_positions", None)
@@ -326,8 +405,16 @@ def make_inputs(model, config):
         else:  # raw audio (wav2vec2 and kin)
             modal["input_values"] = torch.randn(BATCH, 3200, generator=g)
     tries = []
-    full = dict(found, **modal)
-    tries.append(full)
+    image_token = _image_token(config)
+    if "input_ids" in found and image_token is not None and (
+            "pixel_values" in modal and hasattr(model, "get_image_features") or grid_name == "image_grid_thw"):
+        try:
+            with_images = _with_image_tokens(model, config, found, modal, image_token, grid_name)
+        except Exception:
+            with_images = None
+        if with_images is not None:
+            tries.append(with_images)
+    tries.append(dict(found, **modal))
     if modal and "input_ids" in found:
         tries.append(dict(found))
     if modal:
@@ -335,12 +422,45 @@ def make_inputs(model, config):
         if "decoder_input_ids" in found:
             only["decoder_input_ids"] = found["decoder_input_ids"]
         tries.append(only)
-    common = {}
-    if "use_cache" in parameters or _accepts_kwargs(parameters):
-        common["use_cache"] = False
-    if "return_dict" in parameters or _accepts_kwargs(parameters):
-        common["return_dict"] = True
+        if len(modal) > 1 and grid_name is None:  # e.g. speech encoder-decoders: one audio input
+            for name in modal:
+                tries.append(dict(found, **{name: modal[name]}))
+    if not found and not modal:
+        width = getattr(text, "hidden_size", None) or _find(config, "hidden_size", 32)
+        for name in ("inputs_embeds", "hidden_states", "inputs", "query_embeds"):
+            if name in parameters:
+                tries.append({name: torch.randn(BATCH, SEQ, width, generator=g)})
+                break
+    common = {"use_cache": False} if "use_cache" in parameters else {}
     return [dict(t, **common) for t in tries if t]
+
+
+def _with_image_tokens(model, config, found, modal, image_token, grid_name):
+    """Text inputs holding as many image tokens as the image features the model makes of ``modal``."""
+    import torch
+
+    if grid_name == "image_grid_thw":
+        merge = _find(config, "spatial_merge_size", 2) or 1
+        per_image = int(modal[grid_name][0].prod()) // (merge * merge)
+    else:
+        width = getattr(_sub(config, "text_config"), "hidden_size", None) or 32
+        with torch.no_grad():
+            features = model.get_image_features(pixel_values=modal["pixel_values"])
+        per_image = _count_features(features, width) // BATCH
+    if per_image <= 0 or per_image > 4096:
+        return None
+    ids = found["input_ids"]
+    image = torch.full((BATCH, per_image), image_token, dtype=ids.dtype)
+    inputs = dict(found, **modal)
+    inputs["input_ids"] = torch.cat([ids[:, :1], image, ids[:, 1:]], dim=1)
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # 5.x Qwen-VL: 1 marks images
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_token).long()
+    for name in ("attention_mask", "token_type_ids"):
+        if name in found and found[name].dim() == 2:
+            pad = torch.ones if name == "attention_mask" else torch.zeros
+            inputs[name] = torch.cat([found[name][:, :1], pad(BATCH, per_image, dtype=found[name].dtype),
+                                      found[name][:, 1:]], dim=1)
+    return inputs
 
 
 def _accepts_kwargs(parameters):
@@ -384,9 +504,11 @@ def check(model_type):
             errors.append(one_line(error, 200))
             continue
         reference = [t for _, t in tensors_in(out, keep=_is_attention)]
-        result["inputs"] = ",".join(k for k in inputs if k not in ("use_cache", "return_dict"))
+        result["inputs"] = ",".join(k for k in inputs if k != "use_cache")
         break
     if reference is None:
+        if "output_attentions" in errors[0] or "for timm models" in errors[0]:
+            return dict(result, status="no attention", reason="forward takes no output_attentions: " + errors[0])
         return dict(result, status="not built", reason="eager forward failed: " + errors[0])
     reference = [t.detach().float().numpy() for t in reference if t.dim() >= 2]
     if not reference:

@@ -87,6 +87,20 @@ def run_all(function, items, jobs=1, memory_gb=6.0, seconds=180.0, quiet=True, o
     results = [None] * len(items)
     sys.stdout.flush()
     sys.stderr.flush()
+    try:
+        _loop(function, pending, running, results, jobs, memory_bytes, seconds, quiet, on_result)
+    finally:  # interrupted (Ctrl-C, SIGTERM): no child outlives the sweep
+        for fd, (pid, *_rest) in running.items():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            os.close(fd)
+    return results
+
+
+def _loop(function, pending, running, results, jobs, memory_bytes, seconds, quiet, on_result):
     while pending or running:
         while pending and len(running) < max(1, jobs):
             index, item = pending.pop()
@@ -122,7 +136,6 @@ def run_all(function, items, jobs=1, memory_gb=6.0, seconds=180.0, quiet=True, o
             del running[fd]
             if on_result is not None:
                 on_result(index, result)
-    return results
 
 
 def _decode(data, wait_status, seconds, memory_bytes):

@@ -2,8 +2,9 @@
 
 For one model name :func:`check`
 
-1. builds the model (``pretrained=False``, ``img_size=64`` where the model
-   accepts it, else its default input size) with a fixed seed;
+1. builds the model (``pretrained=False``, ``img_size=64`` and ``depth=2``
+   where the model accepts them, else its default input size and depth) with
+   a fixed seed;
 2. reference: the same model with every module's ``fused_attn`` set to
    False, run under ``_reference.SoftmaxRecorder`` (every softmax over the
    last dimension, and the probabilities of any SDPA call that remains,
@@ -24,6 +25,7 @@ from ._compare import captured_maps, match_maps, one_line, outputs_equal
 __all__ = ["model_names", "check", "versions", "IMG_SIZE"]
 
 IMG_SIZE = 64
+DEPTH = 2  # where the model takes ``depth`` (ViT and kin): giant widths stay, 40 blocks do not
 BATCH = 2
 SEED = 0
 _ATTENTION = re.compile(r"softmax|scaled_dot_product_attention|fused_attn|\bAttention\w*\b")
@@ -68,7 +70,7 @@ def _build(name):
     import torch
 
     errors = []
-    for kwargs in ({"img_size": IMG_SIZE}, {}):
+    for kwargs in ({"img_size": IMG_SIZE, "depth": DEPTH}, {"img_size": IMG_SIZE}, {"depth": DEPTH}, {}):
         torch.manual_seed(SEED)
         try:
             model = timm.create_model(name, pretrained=False, **kwargs).eval()
@@ -83,6 +85,7 @@ def _build(name):
         except Exception as error:
             errors.append(error)
             continue
+        model._coverage_kwargs = kwargs
         return model, x
     raise errors[-1]
 
@@ -126,7 +129,8 @@ def check(name):
         model, x = _build(name)
     except Exception as error:
         return {"status": "not built", "reason": one_line(error)}
-    result = {"model": type(model).__name__, "inputs": "x{}".format(tuple(x.shape))}
+    result = {"model": type(model).__name__, "inputs": "x{}".format(tuple(x.shape)),
+              "depth": getattr(model, "_coverage_kwargs", {}).get("depth")}
     before = _set_fused(model, False)
     recorder = SoftmaxRecorder()
     try:

@@ -13,6 +13,7 @@ failure of the sweep), 2 on bad arguments.
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -109,6 +110,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--verbose", action="store_true", help="let the children print")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # unwind, so that every child is killed too
     if args.jobs < 1:
         parser.error("--jobs must be at least 1, got {}".format(args.jobs))
     libraries = args.library or list(LIBRARIES)
@@ -150,3 +152,7 @@ def sweep_isolated(library, only=None, jobs=1, memory_gb=6.0, timeout=180.0, qui
                 "results": results, "date": time.strftime("%Y-%m-%d")}
 
     return _sandbox.run_all(child, [library], jobs=1, memory_gb=0, seconds=24 * 3600, quiet=False)[0]
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)

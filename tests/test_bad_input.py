@@ -64,7 +64,8 @@ def busy(gl):
     yield gl
     assert snapshot(gl) == before, "a failed call changed the state"
     assert victim.__code__ is VICTIM_CODE
-    assert gl.configure(keep_last=7) == {"store": "numpy", "transform": None, "keep_last": 7}
+    assert gl.configure(keep_last=7) == {"store": "numpy", "transform": None, "keep_last": 7,
+                                             "queries": None, "heads": None}
     gl.unwatch(kept)
 
 
@@ -212,7 +213,7 @@ def test_watch_attention_unknown_family_applies_nothing(busy, families):
     from visualizer import presets
 
     exc = raises(lambda: busy.watch_attention(families), ValueError, "unknown families",
-                 "known: 'timm', 'transformers', 'torch'")
+                 "known: 'kernel', 'timm', 'transformers', 'torch'")
     assert isinstance(exc, VisualizerError)
     assert busy not in presets._applied  # no family half set up
 
@@ -611,11 +612,11 @@ def test_training_after_deactivate_runs_the_original_code(gl):
             optimizer.step()
             return loss
 
-        # While capturing: the rewritten code runs, on timm's eager path.
+        # While capturing: the rewritten code runs, timm on its fused kernel (the seam).
         installed = {"own": Attention.forward.__code__, "timm": TimmAttention.forward.__code__}
         assert all(installed[k] is not originals[k] for k in originals)
         ran, fused = executed_code(step)
-        assert {installed["own"], installed["timm"]} <= ran and fused == 0
+        assert {installed["own"], installed["timm"]} <= ran and fused == 12
         assert len(gl.cache[Attention.forward.__qualname__]) == 2
         assert len(gl.cache["Attention.forward"]) == 12
         captured = {k: len(v) for k, v in gl.cache.items()}

@@ -1,9 +1,11 @@
-"""Presets on the real, installed timm, transformers and torch, checked against their own tools.
+"""watch_attention on the real, installed timm, transformers and torch, checked against their own tools.
 
 References are independent of get_local: timm's ``AttentionExtract`` (forward
 hooks on ``attn_drop``) with the fused path switched off by hand,
 transformers' ``output_attentions=True`` under eager attention, and a manual
-softmax(QK^T/sqrt(d)) for ``nn.MultiheadAttention``.
+softmax(QK^T/sqrt(d)) for ``nn.MultiheadAttention``.  Models run their
+default (fused) path while capturing, and their outputs are compared with
+``torch.equal`` to runs without capture.
 """
 import os
 import subprocess
@@ -61,7 +63,7 @@ def test_timm_default_models_match_attention_extract(presets, name, size, key):
     # Capture off again: the modules are untouched and run their original code.
     assert [m.fused_attn for m in fused_modules(model)] == flags
     assert {t: t.forward.__code__ for t in codes} == codes
-    torch.testing.assert_close(out, fused_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, fused_out)
 
     captured = presets.by_module(model, cache)
     for m in fused_modules(model):
@@ -101,9 +103,13 @@ def reference_attentions(transformers, model, inputs):
 
 
 def attention_key(transformers, family):
-    if not transformers_4(transformers) or family == "vit":
-        return "eager_attention_forward"
-    return {"bert": "BertSelfAttention.forward", "roberta": "RobertaSelfAttention.forward"}[family]
+    """Where the seam keeps a family's maps: its attention class's forward."""
+    classes = {"bert": "BertSelfAttention", "roberta": "RobertaSelfAttention",
+               "distilbert": "DistilBertSelfAttention", "vit": "ViTAttention"}
+    if transformers_4(transformers):
+        classes.update(bert="BertSdpaSelfAttention", roberta="RobertaSdpaSelfAttention",
+                       vit="ViTSdpaSelfAttention")
+    return classes[family] + ".forward"
 
 
 def test_bert_with_default_sdpa_matches_output_attentions(presets):
@@ -124,9 +130,8 @@ def test_bert_with_default_sdpa_matches_output_attentions(presets):
     maps = cache[attention_key(transformers, "bert")]
     assert len(maps) == len(reference) == 6
     for got, want in zip(maps, reference):
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(out[real], plain[real], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, plain)
     names = list(presets.by_module(model, cache))
     assert names == ["encoder.layer.{}.attention.self".format(i) for i in range(6)]
 
@@ -160,12 +165,157 @@ def test_other_transformers_families(presets, family):
         inputs = {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():
         with presets.capture() as cache:
-            model(**inputs)
+            out = model(**inputs)[0]
         reference = reference_attentions(transformers, model, inputs)
+        plain = model(**inputs)[0]
     maps = cache[attention_key(transformers, family)]
     assert len(maps) == len(reference) == 2
     for got, want in zip(maps, reference):
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, plain)
+
+
+def tiny(transformers, name, **extra):
+    """A tiny random model of a transformers family (2 layers, width 32, 4 heads)."""
+    common = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64)
+    common.update(extra)
+    config = getattr(transformers, name)(**common)
+    return transformers.AutoModel.from_config(config).eval()
+
+
+def decoder_families(transformers):
+    return {
+        "gpt2": lambda: transformers.AutoModel.from_config(transformers.GPT2Config(
+            vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval(),
+        "llama (grouped-query)": lambda: tiny(transformers, "LlamaConfig", num_key_value_heads=2),
+        "mistral (sliding window)": lambda: tiny(transformers, "MistralConfig",
+                                                 num_key_value_heads=2, sliding_window=3),
+        "qwen2": lambda: tiny(transformers, "Qwen2Config", num_key_value_heads=2),
+    }
+
+
+def every_reference_map_is_captured(np, reference, captured):
+    """Each reference map equals a distinct captured map (call order need not match)."""
+    left = list(captured)
+    assert len(left) == len(reference), (len(left), len(reference))
+    for want in reference:
+        want = want.numpy()
+        for i, got in enumerate(left):
+            if got.shape == want.shape and np.allclose(got, want, rtol=1e-5, atol=1e-5):
+                del left[i]
+                break
+        else:
+            raise AssertionError("no capture equals a reference map of shape {}".format(
+                want.shape))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama (grouped-query)", "mistral (sliding window)",
+                                    "qwen2"])
+def test_decoder_transformers_families(presets, family):
+    torch = require("torch")
+    transformers = require("transformers")
+    np = require("numpy")
+    if transformers_4(transformers):
+        pytest.skip("the 4.x lane checks the BERT family")
+    torch.manual_seed(0)
+    model = decoder_families(transformers)[family]()
+    ids = torch.randint(3, 99, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        plain = model(**inputs).last_hidden_state
+        with presets.capture() as cache:
+            out = model(**inputs).last_hidden_state
+        reference = reference_attentions(transformers, model, inputs)
+    assert torch.equal(out, plain)
+    by_module = presets.by_module(model, cache)
+    assert len(by_module) == 2
+    maps = [m for values in by_module.values() for m in values]
+    assert all(m.shape == (2, 4, 9, 9) for m in maps)
+    # Rows of left padding attend to no real key: the kernel gives them zeros,
+    # eager a uniform row over masked keys.  Compare the real rows.
+    real = [m.copy() for m in maps]
+    for m in real:
+        m[1, :, :3] = 0
+    wanted = [w.clone() for w in reference]
+    for w in wanted:
+        w[1, :, :3] = 0
+    every_reference_map_is_captured(np, wanted, real)
+
+
+def test_t5_self_and_cross_attention(presets):
+    torch = require("torch")
+    transformers = require("transformers")
+    np = require("numpy")
+    if transformers_4(transformers):
+        pytest.skip("the 4.x lane checks the BERT family")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, decoder_start_token_id=0)
+    model = transformers.T5Model(config).eval()
+    inputs = {"input_ids": torch.randint(3, 99, (2, 7)),
+              "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2]),
+              "decoder_input_ids": torch.randint(3, 99, (2, 4))}
+    with torch.no_grad():
+        plain = model(**inputs).last_hidden_state
+        with presets.capture() as cache:
+            out = model(**inputs).last_hidden_state
+        model.set_attn_implementation("eager")
+        ref = model(**inputs, output_attentions=True)
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(out, plain)
+    reference = list(ref.encoder_attentions) + list(ref.decoder_attentions) + list(
+        ref.cross_attentions)
+    maps = [m for values in presets.by_module(model, cache).values() for m in values]
+    every_reference_map_is_captured(np, reference, maps)
+    assert sorted(presets.by_module(model, cache))[:2] == [
+        "decoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.1.EncDecAttention"]
+
+
+def test_clip_vision(presets):
+    torch = require("torch")
+    transformers = require("transformers")
+    np = require("numpy")
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37,
+                                           num_hidden_layers=2, num_attention_heads=4,
+                                           image_size=32, patch_size=8)
+    model = transformers.CLIPVisionModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(pixel_values=pixels).last_hidden_state
+        with presets.capture() as cache:
+            out = model(pixel_values=pixels).last_hidden_state
+        reference = reference_attentions(transformers, model, {"pixel_values": pixels})
+    assert torch.equal(out, plain)
+    maps = [m for values in presets.by_module(model, cache).values() for m in values]
+    assert [m.shape for m in maps] == [(2, 4, 17, 17)] * 2
+    every_reference_map_is_captured(np, reference, maps)
+
+
+def test_eager_models_are_captured_from_their_eager_function(presets):
+    torch = require("torch")
+    transformers = require("transformers")
+    np = require("numpy")
+    if transformers_4(transformers):
+        pytest.skip("5.x eager functions")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, attn_implementation="eager")
+    model = transformers.AutoModel.from_config(config).eval()
+    ids = torch.randint(3, 99, (1, 6))
+    with torch.no_grad():
+        plain = model(input_ids=ids).last_hidden_state
+        with presets.capture() as cache:
+            out = model(input_ids=ids).last_hidden_state
+        reference = model(input_ids=ids, output_attentions=True).attentions
+    assert torch.equal(out, plain)
+    assert list(cache) == ["eager_attention_forward"]
+    assert list(presets.by_module(model, cache)) == ["layers.0.self_attn", "layers.1.self_attn"]
+    every_reference_map_is_captured(np, reference, cache["eager_attention_forward"])
 
 
 def test_torch_transformer_encoder_fast_path(presets):
@@ -184,7 +334,17 @@ def test_torch_transformer_encoder_fast_path(presets):
             out = encoder(x, src_key_padding_mask=pad)
     assert vars(nn.MultiheadAttention)["forward"] is original_forward
     assert torch.backends.mha.get_fastpath_enabled()
+    # The plain run took the fast path (a native kernel, no Python); capture
+    # takes the Python path, equal up to rounding.  Where there is no fast
+    # path (training, or with gradients), the output is the same bits.
     torch.testing.assert_close(out[~pad], plain[~pad], rtol=1e-5, atol=1e-5)
+    encoder.train()
+    torch.manual_seed(3)
+    trained = encoder(x, src_key_padding_mask=pad)
+    torch.manual_seed(3)
+    with presets.capture():
+        assert torch.equal(encoder(x, src_key_padding_mask=pad), trained)
+    encoder.eval()
     maps = cache["MultiheadAttention.forward"]
     assert [m.shape for m in maps] == [(2, 4, 5, 5), (2, 4, 5, 5)]
     # Layer 0 by hand: its input is x itself.
@@ -214,27 +374,34 @@ def test_multihead_attention_callers_get_what_they_asked_for(presets):
             "per head": mha(x, x, x, average_attn_weights=False),
         }
     for case in expected:
-        torch.testing.assert_close(got[case][0], expected[case][0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[case][0], expected[case][0])
         if expected[case][1] is None:
             assert got[case][1] is None
         else:
-            torch.testing.assert_close(got[case][1], expected[case][1], rtol=1e-5, atol=1e-6)
+            assert torch.equal(got[case][1], expected[case][1])
     assert [m.shape for m in cache["MultiheadAttention.forward"]] == [(3, 2, 4, 4)] * 3
 
 
 def test_unwatch_attention_gives_back_the_original_code(gl):
-    require("torch")
+    torch = require("torch")
     timm = require("timm")
-    from timm.layers import attention
+    from timm.models import swin_transformer_v2
 
-    original = attention.Attention.forward.__code__
+    from visualizer.integrations import kernel
+
+    window = swin_transformer_v2.WindowAttention
+    original = window.forward.__code__
+    own = kernel.original()
     gl.watch_attention(["timm"])
-    assert "timm.layers.attention.Attention.forward" in gl.watched()
-    assert attention.Attention.forward.__code__ is not original
+    assert "timm.models.swin_transformer_v2.WindowAttention.forward" in gl.watched()
+    assert window.forward.__code__ is not original
+    assert torch.nn.functional.scaled_dot_product_attention is not own  # gl is active
     gl.unwatch_attention()
-    assert attention.Attention.forward.__code__ is original
+    assert window.forward.__code__ is original
+    gl.deactivate()
+    assert torch.nn.functional.scaled_dot_product_attention is own
     gl.activate()
-    assert attention.Attention.forward.__code__ is original
+    assert window.forward.__code__ is original
     assert gl.watched() == {}
     assert timm  # imported for real above
 

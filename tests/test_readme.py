@@ -26,7 +26,7 @@ def test_readme_examples_run(tmp_path):
     assert (tmp_path / "mymodel.py").exists()
     script.append(
         "assert len(get_local.cache['Attention.forward']) >= 2\n"
-        "assert len(cache['eager_attention_forward']) == 6\n"
+        "assert len(cache['BertSelfAttention.forward']) == 6\n"
         "print('readme ok')\n")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + str(tmp_path), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-c", "\n".join(script)], cwd=str(tmp_path),

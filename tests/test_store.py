@@ -199,7 +199,8 @@ def test_bad_storage_options_change_nothing(gl, kwargs, error, pattern):
 
 def test_configure_returns_previous_settings(gl):
     gl.configure(store="tensor", keep_last=2)
-    assert gl.configure() == {"store": "tensor", "transform": None, "keep_last": 2}
+    assert gl.configure() == {"store": "tensor", "transform": None, "keep_last": 2,
+                              "queries": None, "heads": None}
 
 
 # -- the capture scope ------------------------------------------------------------
@@ -228,7 +229,8 @@ def test_capture_scope_collects_and_restores_even_on_error():
             raise KeyError("body failed")
     assert cache == {f.__qualname__: [3]}
     assert not instance.active and instance.cache is outer
-    assert instance.configure() == {"store": "numpy", "transform": None, "keep_last": None}
+    assert instance.configure() == {"store": "numpy", "transform": None, "keep_last": None,
+                                    "queries": None, "heads": None}
     f(5)
     assert outer == {f.__qualname__: [1]}
 

@@ -231,7 +231,8 @@ def test_concurrent_vit_forwards_lose_nothing_and_each_threads_layer_order_is_re
                 return model
 
         events = []  # (thread ident, module, value), from the capturing thread
-        gl.events.listen(None, lambda event: events.append(
+        # One AttentionEvent per kernel call (fused path), one Event per eager call.
+        gl.events.listen(lambda event: event.name == "attn", lambda event: events.append(
             (threading.get_ident(), event.source, event.value)))
 
         def work(t):

@@ -89,7 +89,8 @@ def test_fullgraph_timm_vit_matches_attention_extract(gl, fresh_dynamo):
     from timm.utils import AttentionExtract
 
     gl.deactivate()
-    gl.watch_attention()
+    # The kernel seam captures nothing inside compiled graphs; the eager path does.
+    gl.watch("timm.layers.attention.Attention.forward", "attn", overrides={"fused_attn": False})
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
     x = torch.randn(2, 3, 224, 224)
@@ -111,6 +112,26 @@ def test_fullgraph_timm_vit_matches_attention_extract(gl, fresh_dynamo):
     for name, maps in captured.items():
         assert len(maps) == 1
         np.testing.assert_allclose(maps[0], reference[name].numpy(), rtol=1e-4, atol=1e-5)
+    gl.unwatch("timm.layers.attention.Attention.forward")
+
+
+def test_the_kernel_seam_in_a_compiled_graph_says_it_captures_nothing(gl, fresh_dynamo):
+    torch = fresh_dynamo
+    timm = require("timm")
+
+    gl.deactivate()
+    gl.watch_attention()
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        plain = model(x)
+        with pytest.warns(CaptureWarning, match="inside compiled graphs the kernel seam "
+                                                "captures nothing"):
+            with gl.capture() as cache:
+                out = compiled(x)
+    assert torch.equal(out, plain)  # no graph break, no error, the model's own kernel
+    assert not cache.get("Attention.forward")
     gl.unwatch_attention()
 
 
@@ -255,11 +276,13 @@ def test_graph_storage_in_a_compiled_graph_warns(gl, fresh_dynamo):
 def test_bert_in_a_full_graph_matches_output_attentions(gl, fresh_dynamo):
     torch = fresh_dynamo
     transformers = require("transformers")
-    from test_presets import attention_key, load_minilm, reference_attentions
+    from test_presets import load_minilm, reference_attentions
 
     gl.deactivate()
     gl.watch_attention()
     tokenizer, model = load_minilm(transformers)
+    # Inside compiled graphs the eager attention is captured (the seam is not).
+    model.set_attn_implementation("eager")
     batch = tokenizer(["A short sentence.", "A second sentence that is a good deal longer."],
                       padding=True, return_tensors="pt")
     compiled = torch.compile(model, fullgraph=True, backend="eager")
@@ -267,7 +290,7 @@ def test_bert_in_a_full_graph_matches_output_attentions(gl, fresh_dynamo):
         with gl.capture() as cache:
             compiled(**batch)
         reference = reference_attentions(transformers, model, batch)
-    maps = cache[attention_key(transformers, "bert")]
+    maps = cache["eager_attention_forward"]
     assert len(maps) == len(reference) == 6
     for got, want in zip(maps, reference):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)

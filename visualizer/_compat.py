@@ -102,3 +102,22 @@ def unbound_name(name, arg):
 def _plain(arg):
     # bytecode gives cell and free variables as CellVar/FreeVar objects.
     return getattr(arg, "name", arg)
+
+
+def code_qualname(code, owner=None):
+    """Return the qualified name of the function that runs ``code``, or None.
+
+    3.11 gave code objects ``co_qualname``; before it, the name is found by
+    looking for a function with this code among the attributes of ``owner``'s
+    class and its bases (the ``self`` of a method), else None.
+    """
+    if PY311:
+        return code.co_qualname
+    if owner is None:
+        return None
+    for klass in type(owner).__mro__:
+        for value in vars(klass).values():
+            function = getattr(value, "__func__", value)
+            if getattr(function, "__code__", None) is code:
+                return function.__qualname__
+    return None

@@ -84,6 +84,12 @@ class GetLocal:
 
         >>> get_local.watch('timm.layers.attention.Attention.forward', 'attn')
         """
+        return self._watch(target, names, source, overrides)
+
+    def _watch(self, target, names, source=None, overrides=None, explicit=True,
+               attention=False):
+        """``watch``, also for presets: ``explicit=False`` marks a preset's target,
+        ``attention=True`` one whose values are attention maps."""
         if overrides is not None and not isinstance(overrides, dict):
             raise VisualizerTypeError(
                 "overrides must be a dict from attribute name to value, got {!r}".format(
@@ -103,7 +109,7 @@ class GetLocal:
                 "watch: source {!r} is not an argument of {}; its arguments are: {}".format(
                     source, function.__qualname__,
                     ", ".join(function.__code__.co_varnames[:_n_args(function.__code__)])))
-        self._state.register(function, names, source, overrides)
+        self._state.register(function, names, source, overrides, explicit, attention)
         return function
 
     def unwatch(self, target):
@@ -215,7 +221,8 @@ class GetLocal:
         """
         return self._state.events
 
-    def configure(self, store="numpy", transform=None, keep_last=None):
+    def configure(self, store="numpy", transform=None, keep_last=None, queries=None,
+                  heads=None):
         """Choose how captures are stored from now on; return the previous settings.
 
         ``store``: ``'numpy'`` (default: torch tensors become detached CPU
@@ -225,12 +232,16 @@ class GetLocal:
         ``'none'`` (keep nothing; event handlers still run).  ``transform``: a
         callable applied to each raw value before it is stored, or a dict from
         cache key to such a callable.  ``keep_last``: keep only the last N
-        values of each key.
+        values of each key.  ``queries`` and ``heads`` (an int, a slice or a
+        sequence of ints) keep only those query rows and heads of attention
+        maps, ``(batch, heads, queries, keys)``; the kernel seam computes only
+        them (``queries=-1``: the last token's row, ``queries=0``: ViT's CLS
+        row), the presets' eager captures are sliced.  An int keeps its axis.
 
         >>> get_local.configure(transform=lambda attn: attn[:, :, 0], keep_last=12)
-        {'store': 'numpy', 'transform': None, 'keep_last': None}
+        {'store': 'numpy', 'transform': None, 'keep_last': None, 'queries': None, 'heads': None}
         """
-        storage = _store.Storage(store, transform, keep_last)
+        storage = _store.Storage(store, transform, keep_last, queries, heads)
         with self._state.lock:
             previous = self._state.storage
             self._state.storage = storage
@@ -238,31 +249,43 @@ class GetLocal:
         return previous.as_dict()
 
     @contextlib.contextmanager
-    def capture(self, store="numpy", transform=None, keep_last=None):
+    def capture(self, store="numpy", transform=None, keep_last=None, queries=None,
+                heads=None):
         """Capture into a fresh cache for the duration of a ``with`` block.
 
         Activates capture and applies the storage settings (as in
         ``configure``) inside the block, then restores the previous state,
         settings and cache, even if the block raises.  The yielded cache holds
         exactly the captures made inside the block and stays valid afterwards.
+        When the block ends, a ``CaptureWarning`` names what left nothing in
+        it: attention kernels that ran with nothing capturing them, and
+        watched functions that recorded nothing.
 
         >>> with get_local.capture(transform=lambda attn: attn.mean(1)) as cache:
         ...     model(x)
         >>> cache['Attention.forward']
+        >>> with get_local.capture(queries=-1) as cache:   # the last token's row only
+        ...     model.generate(**inputs, max_new_tokens=8)
         """
-        storage = _store.Storage(store, transform, keep_last)
+        storage = _store.Storage(store, transform, keep_last, queries, heads)
         state = self._state
         with state.lock:
-            saved = (state.active, state.cache, state.storage)
+            saved = (state.active, state.cache, state.storage, state.kernel_missed)
             scoped = state.cache = _store.Cache()
             state.storage = storage
+            state.kernel_missed = {}
             state.set_active(True)
+        failed = True
         try:
             yield scoped
+            failed = False
         finally:
             with state.lock:
-                active, state.cache, state.storage = saved
+                missed = state.kernel_missed
+                active, state.cache, state.storage, state.kernel_missed = saved
                 state.set_active(active)
+            if not failed:
+                state.report_silent(scoped, missed)
 
     def by_module(self, model, cache=None):
         """Regroup captures from the methods of ``model``'s modules by module name.

@@ -14,7 +14,8 @@ import warnings
 from ._errors import CaptureWarning
 
 _lock = threading.RLock()
-_pending = {}  # module name -> [callback, ...]
+_pending = {}   # module name -> [callback, ...]
+_prefixes = {}  # package name -> [callback, ...]: every submodule, for as long as waited for
 
 
 def when_imported(name, callback):
@@ -28,13 +29,34 @@ def when_imported(name, callback):
     _run(name, module, [callback])
 
 
+def when_submodules_imported(package, callback):
+    """Call ``callback(module)`` for each submodule of ``package``, imported now or later.
+
+    Unlike ``when_imported`` it keeps waiting, for every later submodule,
+    until ``cancel(callback)``.
+    """
+    prefix = package + "."
+    with _lock:
+        _prefixes.setdefault(prefix, []).append(callback)
+        _install()
+        present = [(name, module) for name, module in list(sys.modules.items())
+                   if name.startswith(prefix) and module is not None]
+    for name, module in present:
+        _run(name, module, [callback])
+
+
 def cancel(callback):
     """Forget ``callback`` wherever it waits."""
     with _lock:
-        for name in list(_pending):
-            _pending[name] = [cb for cb in _pending[name] if cb is not callback]
-            if not _pending[name]:
-                del _pending[name]
+        for table in (_pending, _prefixes):
+            for name in list(table):
+                table[name] = [cb for cb in table[name] if cb is not callback]
+                if not table[name]:
+                    del table[name]
+
+
+def _waiting(fullname):
+    return fullname in _pending or any(fullname.startswith(p) for p in _prefixes)
 
 
 def _run(name, module, callbacks):
@@ -49,7 +71,7 @@ def _run(name, module, callbacks):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _pending:
+        if not _waiting(fullname):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -81,6 +103,9 @@ class _Loader(importlib.abc.Loader):
         name = module.__spec__.name if module.__spec__ is not None else module.__name__
         with _lock:
             callbacks = _pending.pop(name, [])
+            for prefix, waiting in _prefixes.items():
+                if name.startswith(prefix):
+                    callbacks.extend(waiting)
         # Put the real loader back so reloads and introspection see it.
         if module.__spec__ is not None and module.__spec__.loader is self:
             module.__spec__.loader = self._loader

@@ -28,7 +28,8 @@ import weakref
 
 from . import _imports, _rewrite, _store, _torch
 from ._errors import CaptureWarning, VisualizerError
-from .events import Event, EventDispatcher
+from .events import AttentionEvent, Event, EventDispatcher, QKVEvent
+from .integrations import kernel
 
 
 class Target:
@@ -50,7 +51,22 @@ class Target:
         self.compiled_in = weakref.WeakSet()  # code of frames dynamo compiled with ours inlined
         self.functions = weakref.WeakSet()
         self.warned = set()
+        self.explicit = False   # watched or decorated by the user, not only by a preset
+        self.attention = False  # its values are attention maps (queries=/heads= apply)
+        self.maybe_unbound = False  # some return of the rewritten code may lack a name
         _torch.note_code(code, self)
+
+    def takes_kernel(self):
+        """Whether an attention kernel called by this function supplies its unbound name.
+
+        A function whose fused path calls the kernel and whose eager path
+        computes the probabilities itself (a softmax) leaves its variable
+        unbound on the fused path: timm's ``Attention.forward`` and ``attn``.
+        Such a function, watched by a preset or by the user, gets the kernel's
+        probabilities instead (see ``State.take_stash``), under its own key.
+        """
+        return self.maybe_unbound and bool(self.names) and (
+            self.attention or (self.explicit and "softmax" in self.code.co_names))
 
     def runs(self, code):
         """Whether ``code`` is this target's original code or one of its rewritten codes."""
@@ -93,6 +109,7 @@ class Target:
             weakref.finalize(code, _unbind, bound)
             _torch.note_code(code, self)
             self.recorders, self.bound = (record, record_locals), bound
+            self.maybe_unbound = bound[1] in code.co_names
             self.rewritten = code
         return self.rewritten
 
@@ -167,8 +184,12 @@ def make_record_locals(target):
     def record_locals(frame_locals):
         try:
             missing = [n for n in target.names if n not in frame_locals]
+            supplied = state.take_stash(sys._getframe(1)) if state.stashed else None
             if missing:
                 if state.active:
+                    if supplied and len(missing) == 1:
+                        state.capture_supplied(target, frame_locals, missing[0], supplied)
+                        return
                     target.warn_unbound(missing)
                 return
             source = None if target.source is None else frame_locals.get(target.source)
@@ -273,8 +294,14 @@ class State:
         self.dynamo_hook = False
         self.jit = _torch.JitGuard(self.is_captured)
         self.jit_hook = False
-        self.switches = [(self.jit_on, self.jit.off)]  # (on, off): run as capture starts, stops
+        # (on, off): run as capture starts, stops
+        self.switches = [(self.jit_on, self.jit.off), (self.seam_on, self.seam_off)]
         self.failed = set()
+        self.kernel = False       # the 'kernel' preset: keep every attention kernel call
+        self.kernel_missed = {}   # qualname -> kernel calls that nothing took, this capture
+        self.seam_hook = False
+        self.stash_local = threading.local()  # per thread: id(frame) -> (code, [probabilities])
+        self.stashed = False
 
     def refresh(self):
         """Recompute ``fast``: can recorders skip events, transforms and bounds?"""
@@ -288,12 +315,149 @@ class State:
         if len(self.events):
             for key, name, value in zip(keys, target.names, values):
                 self.events.dispatch(Event(key, target.qualname, name, value, source))
+        self.store(target, source, values)
+
+    # -- the attention kernel seam (``integrations.kernel``) ---------------------------
+
+    def capture_kernel(self, key, qualname, source, call, owner=None):
+        """Take one attention kernel call.
+
+        ``owner``: None, or ``(target, frame, source)`` when a watched function
+        takes the probabilities (its running ``frame``, whose unbound variable
+        they supply when it returns, or None to capture into it now).
+        Otherwise the call is stored under ``key`` when the 'kernel' preset is
+        on.  ``QKVEvent`` and ``AttentionEvent`` go to the listeners either way;
+        the probabilities are computed only if stored or read.  A call nothing
+        takes is counted for the warning at the end of ``capture()``.
+        """
+        storage = self.storage
+        target = frame = None
+        if owner is not None:
+            target, frame, source = owner
+            key, qualname = target.keys[0], target.qualname
+            if frame is not None and target.source is not None:
+                source = frame.f_locals.get(target.source)
+        store = storage.kind != "none" and (target is not None or self.kernel)
+        listened = len(self.events)
+        if not store and not listened:
+            if target is None:
+                self.kernel_missed[qualname] = self.kernel_missed.get(qualname, 0) + 1
+            return
+        # A preset's attention target selects queries= and heads= when it stores.
+        selection = (None, None) if target is not None and target.attention else (
+            storage.queries, storage.heads)
+        graph = storage.kind == "graph"
+        probs = call.probabilities(selection[0], selection[1], graph) if store else None
+        if listened:
+            self.events.dispatch(QKVEvent(key, qualname, call.query, call.key, call.value, source))
+            if probs is not None and target is None:
+                compute = (lambda: probs)
+            else:
+                def compute():
+                    return call.probabilities(storage.queries, storage.heads, graph)
+            self.events.dispatch(AttentionEvent(key, qualname, compute, source))
+        if not store:
+            return
+        if target is None:
+            self.store(_kernel_target(key, qualname, source is not None), source, (probs,))
+        elif frame is not None:
+            self.stash_kernel(frame, target, probs)
+        else:
+            self.store(target, source, (probs,))
+
+    def stash_kernel(self, frame, target, probs):
+        """Keep a kernel call's probabilities for the running ``frame`` of ``target``."""
+        entries = getattr(self.stash_local, "entries", None)
+        if entries is None:
+            entries = self.stash_local.entries = {}
+        entry = entries.get(id(frame))
+        if entry is None or entry[0] is not frame.f_code:
+            entries[id(frame)] = (frame.f_code, [probs])
+        else:
+            entry[1].append(probs)
+        self.stashed = True
+
+    def take_stash(self, frame):
+        """The probabilities kernel calls made inside ``frame`` (now returning), or None."""
+        entries = getattr(self.stash_local, "entries", None)
+        if not entries:
+            return None
+        entry = entries.pop(id(frame), None)
+        if entry is None or entry[0] is not frame.f_code:
+            return None
+        return entry[1]
+
+    def capture_supplied(self, target, frame_locals, name, supplied):
+        """Store one call of ``target`` per kernel call, the kernel giving ``name``.
+
+        The kernel call dispatched its events already.
+        """
+        source = None if target.source is None else frame_locals.get(target.source)
+        for probs in supplied:
+            self.store(target, source, [probs if n == name else frame_locals[n]
+                                        for n in target.names])
+
+    def seam_on(self):
+        torch = sys.modules.get("torch")
+        if torch is not None and hasattr(torch, "nn") and hasattr(torch.nn, "functional"):
+            kernel.install(self)
+            self.watch_dynamo()
+        elif not self.seam_hook:
+            self.seam_hook = True
+            _imports.when_imported("torch", _weakly(self, State.seam_on_import))
+
+    def seam_on_import(self, torch):
+        self.seam_hook = False
+        if self.active:
+            kernel.install(self)
+            self.watch_dynamo()
+
+    def seam_off(self):
+        kernel.uninstall(self)
+        self.stash_local = threading.local()
+        self.stashed = False
+
+    def report_silent(self, cache, missed):
+        """Warn about what ran while capturing into ``cache`` but left nothing there."""
+        if missed:
+            calls = sum(missed.values())
+            where = ", ".join("{} x{}".format(q, n) for q, n in sorted(missed.items())[:6])
+            warnings.warn(
+                "visualizer: {} attention kernel call{} (scaled_dot_product_attention, from "
+                "{}) ran while capturing, but nothing captured {}: call "
+                "get_local.watch_attention() (or watch_attention(['kernel'])) before running "
+                "the model to capture every attention map.".format(
+                    calls, "s" if calls > 1 else "", where, "them" if calls > 1 else "it"),
+                CaptureWarning, stacklevel=4)
+        silent = []
+        with self.lock:
+            for target in self.targets.values():
+                if target.explicit and target.names and len(target.functions) and \
+                        not any(cache.get(key) for key in target.keys):
+                    silent.append("{}.{}".format(target.module, target.qualname))
+        if silent:
+            warnings.warn(
+                "get_local: {} recorded nothing while capturing: {} never returned with "
+                "{} bound (the model did not run {}, e.g. a library's eager attention "
+                "function under its default fused path). get_local.watch_attention() "
+                "captures attention wherever it is computed.".format(
+                    ", ".join(sorted(silent)), "it" if len(silent) == 1 else "they",
+                    "its variables" if len(silent) == 1 else "their variables",
+                    "it" if len(silent) == 1 else "them"),
+                CaptureWarning, stacklevel=4)
+
+    def store(self, target, source, values):
+        """Store one call's values (transform, convert, bound), aligned across names."""
+        if not self.active:
+            return
+        keys = target.keys
         storage = self.storage
         if storage.kind == "none":
             return
         # Prepare every value before storing any, so a failing transform
         # leaves the lists of a multi-name capture aligned.
-        prepared = [storage.prepare(key, value) for key, value in zip(keys, values)]
+        prepared = [storage.prepare(key, value, target.attention)
+                    for key, value in zip(keys, values)]
         cache = self.cache
         ref = _store.source_ref(source) if target.source is not None else _store.NO_SOURCE
         # One lock for the appends of one call, so that calls from other threads
@@ -407,8 +571,12 @@ class State:
             if _torch.dynamo_loaded():
                 _torch.recompile(target)
 
-    def register(self, function, names, source, overrides=None):
+    def register(self, function, names, source, overrides=None, explicit=True,
+                 attention=False):
         """Put ``function`` under capture of ``names``; install now if active.
+
+        ``explicit``: the user asked for it (not only a preset); ``attention``:
+        its values are attention maps.
 
         If the code cannot be rewritten (``_rewrite.UnreadableCode``) while
         active, the error is raised and nothing is registered or changed.
@@ -432,6 +600,8 @@ class State:
                     raise
             if created:
                 self.targets[id(code)] = target
+            target.explicit = target.explicit or (explicit and bool(names))
+            target.attention = target.attention or attention
             for key in saved[1]:
                 if key not in target.keys and not self.cache.get(key, True):
                     del self.cache[key]
@@ -490,6 +660,29 @@ class State:
                             self.failed.add(target.qualname)
                             warnings.warn(str(exc), CaptureWarning, stacklevel=3)
                         break
+
+
+class _KernelKey:
+    """What ``State.store`` needs to know of a kernel capture's key."""
+
+    __slots__ = ("keys", "names", "qualname", "source", "attention")
+
+    def __init__(self, key, qualname, has_source):
+        self.keys = (key,)
+        self.names = ("attn",)
+        self.qualname = qualname
+        self.source = "module" if has_source else None
+        self.attention = False  # queries= and heads= were applied before computing
+
+
+_kernel_keys = {}
+
+
+def _kernel_target(key, qualname, has_source):
+    found = _kernel_keys.get((key, has_source))
+    if found is None:
+        found = _kernel_keys[(key, has_source)] = _KernelKey(key, qualname, has_source)
+    return found
 
 
 def _weakly(state, method):

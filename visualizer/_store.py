@@ -100,9 +100,9 @@ _CONVERTERS = {"numpy": to_numpy, "tensor": _detached_copy, "graph": _as_is, "no
 class Storage:
     """One storage configuration: kind, transform and bound (immutable)."""
 
-    __slots__ = ("kind", "transform", "keep_last", "convert")
+    __slots__ = ("kind", "transform", "keep_last", "convert", "queries", "heads")
 
-    def __init__(self, kind="numpy", transform=None, keep_last=None):
+    def __init__(self, kind="numpy", transform=None, keep_last=None, queries=None, heads=None):
         if kind not in KINDS:
             raise VisualizerValueError(
                 "store must be one of {}, got {!r}".format(", ".join(map(repr, KINDS)), kind))
@@ -123,15 +123,25 @@ class Storage:
         self.kind = kind
         self.transform = transform
         self.keep_last = keep_last
+        self.queries = check_selection(queries, "queries")
+        self.heads = check_selection(heads, "heads")
         self.convert = _CONVERTERS[kind]
 
     @property
     def is_default(self):
         """True for plain NumPy storage with no transform and no bound."""
-        return self.kind == "numpy" and self.transform is None and self.keep_last is None
+        return (self.kind == "numpy" and self.transform is None and self.keep_last is None
+                and self.queries is None and self.heads is None)
 
-    def prepare(self, key, value):
-        """Return the value to store for ``key`` (transform, then convert)."""
+    def prepare(self, key, value, attention=False):
+        """Return the value to store for ``key`` (select, transform, then convert).
+
+        ``attention``: the value is an attention map ``(..., heads, queries,
+        keys)`` computed in full, so ``queries`` and ``heads`` are picked here
+        (the kernel seam picks them before computing).
+        """
+        if attention and (self.queries is not None or self.heads is not None):
+            value = select(value, self.queries, self.heads)
         transform = self.transform
         if transform is not None:
             if isinstance(transform, dict):
@@ -143,11 +153,44 @@ class Storage:
         return self.convert(value)
 
     def as_dict(self):
-        return {"store": self.kind, "transform": self.transform, "keep_last": self.keep_last}
+        return {"store": self.kind, "transform": self.transform, "keep_last": self.keep_last,
+                "queries": self.queries, "heads": self.heads}
 
     def __repr__(self):
-        return "Storage(store={!r}, transform={!r}, keep_last={!r})".format(
-            self.kind, self.transform, self.keep_last)
+        return ("Storage(store={!r}, transform={!r}, keep_last={!r}, queries={!r}, "
+                "heads={!r})").format(self.kind, self.transform, self.keep_last, self.queries,
+                                      self.heads)
+
+
+def check_selection(selection, what):
+    """Check a ``queries=`` or ``heads=`` option: None, an int, a slice or a sequence of ints."""
+    if selection is None or isinstance(selection, slice):
+        return selection
+    if isinstance(selection, int) and not isinstance(selection, bool):
+        return selection
+    if isinstance(selection, (list, tuple, range)):
+        items = list(selection)
+        if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            return tuple(items)
+    raise VisualizerTypeError(
+        "{0} must be an int, a slice or a non-empty sequence of ints (e.g. {0}=-1, "
+        "{0}=slice(0, 4), {0}=[0, 5]), got {1} {2!r}".format(
+            what, type(selection).__name__, selection))
+
+
+def select(value, queries, heads):
+    """Pick query rows and heads of an attention map ``(..., heads, queries, keys)``."""
+    if getattr(value, "ndim", 0) < 2:
+        return value
+    if queries is not None:
+        rows = [queries] if isinstance(queries, int) else queries
+        value = value[..., list(range(value.shape[-2]))[rows] if isinstance(rows, slice)
+                      else list(rows), :]
+    if heads is not None and value.ndim >= 3:
+        picked = [heads] if isinstance(heads, int) else heads
+        index = list(range(value.shape[-3]))[picked] if isinstance(picked, slice) else list(picked)
+        value = value[..., index, :, :]
+    return value
 
 
 def source_ref(source):

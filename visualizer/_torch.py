@@ -25,6 +25,7 @@ import warnings
 import weakref
 
 from ._errors import CaptureWarning
+from .integrations import kernel
 
 _MARK = "_torchdynamo_disable"
 _MESSAGE = "_torchdynamo_disable_msg"  # shown by dynamo when the graph break is an error
@@ -91,7 +92,30 @@ def _compiled(code, new_code):
         target = _CODES.get(id(traced_code))
         if target is not None and target.runs(traced_code):
             target.compiled_in.add(code)
+        elif traced_code is _SEAM_CODE:
+            _compiled_through_seam(code)
     return None
+
+
+_SEAM_CODE = kernel.scaled_dot_product_attention.__code__
+_seam_warned = set()
+
+
+def _compiled_through_seam(code):
+    """Dynamo traced the kernel seam: it captures nothing in compiled graphs; say so once."""
+    if not kernel.serving():
+        return
+    if "seam" in _seam_warned:
+        return
+    _seam_warned.add("seam")
+    warnings.warn(
+        "visualizer: torch.compile compiled {} with attention kernels while capture is on; "
+        "inside compiled graphs the kernel seam captures nothing (the compiled model runs "
+        "torch's kernel as it is). Capture from the eager model, or watch the function "
+        "that computes the attention on its eager path, e.g. get_local.watch("
+        "'timm.layers.attention.Attention.forward', 'attn', overrides={{'fused_attn': "
+        "False}}): such captures work inside compiled graphs.".format(
+            getattr(code, "co_name", "a function")), CaptureWarning, stacklevel=2)
 
 
 def recompile(target):
@@ -206,6 +230,10 @@ class _Support:
             values = []
             for name in names:
                 if name not in frame_locals:
+                    if target.attention and not target.explicit:
+                        # A preset's fused path: the seam captures nothing in a compiled
+                        # graph (and says so, see _compiled_through_seam); no graph break.
+                        return None
                     return eager(frame_locals)
                 values.append(frame_locals[name])
             if not tensors(values):

@@ -19,8 +19,8 @@ import warnings
 from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
 
 __all__ = [
-    "Event", "EventFilter", "EventDispatcher", "function_is", "variable_is",
-    "from_module", "module_name_contains",
+    "Event", "AttentionEvent", "QKVEvent", "EventFilter", "EventDispatcher", "event_class",
+    "function_is", "variable_is", "from_module", "module_name_contains",
 ]
 
 
@@ -43,6 +43,57 @@ class Event:
 
     def __repr__(self):
         return "Event(key={!r}, source={})".format(self.key, type(self.source).__name__)
+
+
+class AttentionEvent(Event):
+    """The attention probabilities of one attention kernel call.
+
+    Dispatched for each call of ``torch.nn.functional.scaled_dot_product_attention``
+    while capture is on (see ``visualizer.integrations.kernel``).
+    ``attention_matrix`` (also ``value``) is ``(batch, heads, queries, keys)``;
+    it is computed when first read, so a handler that does not read it costs
+    no softmax.  ``key`` and ``function`` are the qualname of the module method
+    that called the kernel, ``name`` is ``'attn'``, ``source`` that module.
+    """
+
+    __slots__ = ("_compute", "_matrix")
+
+    def __init__(self, key, function, compute, source=None):
+        self.key = key
+        self.function = function
+        self.name = "attn"
+        self.source = source
+        self._compute = compute
+        self._matrix = None
+
+    @property
+    def attention_matrix(self):
+        """The probabilities, computed on first use."""
+        if self._matrix is None:
+            self._matrix = self._compute()
+        return self._matrix
+
+    @property
+    def value(self):
+        """The same as ``attention_matrix``."""
+        return self.attention_matrix
+
+
+class QKVEvent(Event):
+    """The queries, keys and values given to one attention kernel call.
+
+    ``queries``, ``keys``, ``values`` are the kernel's own input tensors
+    (``value`` is the tuple of the three; ``name`` is ``'qkv'``); dispatched
+    just before the ``AttentionEvent`` of the same call.
+    """
+
+    __slots__ = ("queries", "keys", "values")
+
+    def __init__(self, key, function, queries, keys, values, source=None):
+        Event.__init__(self, key, function, "qkv", (queries, keys, values), source)
+        self.queries = queries
+        self.keys = keys
+        self.values = values
 
 
 class EventFilter:
@@ -89,12 +140,30 @@ class EventFilter:
 
 
 def as_filter(obj):
-    """Return ``obj`` as an EventFilter: None accepts everything, callables are wrapped."""
+    """Return ``obj`` as an EventFilter.
+
+    None accepts everything, an ``Event`` subclass is ``event_class(obj)``,
+    and other callables are wrapped.
+    """
     if isinstance(obj, EventFilter):
         return obj
     if obj is None:
         return EventFilter(lambda e: True, "all")
+    if isinstance(obj, type) and issubclass(obj, Event):
+        return event_class(obj)
     return EventFilter(obj)
+
+
+def event_class(cls):
+    """Accept events that are instances of ``cls`` (an ``Event`` subclass).
+
+    >>> get_local.events.listen(event_class(AttentionEvent), handler)  # doctest: +SKIP
+    >>> get_local.events.listen(AttentionEvent, handler)  # the same  # doctest: +SKIP
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Event)):
+        raise VisualizerTypeError(
+            "event_class takes an Event subclass such as AttentionEvent, got {!r}".format(cls))
+    return EventFilter(lambda e: isinstance(e, cls), "event_class({})".format(cls.__name__))
 
 
 def function_is(function):
@@ -183,8 +252,8 @@ class EventDispatcher:
     def listen(self, event_filter, handler):
         """Call ``handler(event)`` for each capture that ``event_filter`` accepts.
 
-        ``event_filter`` is an EventFilter, any callable taking an event, or
-        None for every event.  Returns ``handler``, so this works as a decorator
+        ``event_filter`` is an EventFilter, an ``Event`` subclass (events of
+        that class), any callable taking an event, or None for every event.  Returns ``handler``, so this works as a decorator
         factory too.
 
         >>> get_local.events.listen(variable_is('attn'), print)  # doctest: +SKIP

@@ -1,0 +1,364 @@
+"""The kernel seam: the attention of every model, taken where torch computes it.
+
+Every attention that timm, transformers (``attn_implementation='sdpa'``, their
+default), torch's own ``nn.MultiheadAttention`` and most hand-written modules
+compute goes through one function, ``torch.nn.functional.
+scaled_dot_product_attention``.  Its fused kernels never materialise the
+probabilities, so nothing in Python ever holds them.  While capture is on,
+``install`` puts ``scaled_dot_product_attention`` below in its place (in
+``torch.nn.functional`` and in every module namespace that imported the name
+itself); it runs torch's own kernel and returns exactly its result, so a
+model's output is bit for bit what it would have been, and beside it computes
+the probabilities as the kernel defines them::
+
+    softmax(q kᵀ · scale + mask)
+
+with ``is_causal`` (top-left aligned when query and key lengths differ),
+boolean and additive masks with broadcasting, ``scale``, grouped-query
+attention (``enable_gqa`` or a single key/value head) and, in training,
+the probabilities before dropout (the kernel's dropout mask is random and
+never leaves it).  Rows where every key is masked are zeros, as in the
+kernel.  They are computed only when something wants them: the cache, a
+listener of ``AttentionEvent`` reading its matrix, or a watched function
+whose variable the fused path never bound.
+
+Each call is captured under the ``__qualname__`` of the nearest method of a
+``torch.nn.Module`` on the call stack (``'Attention.forward'``,
+``'LlamaAttention.forward'``), with that module as its source, so
+``get_local.by_module`` names it.  Libraries that reshape the kernel's input
+for speed register an adapter here (``adapter``) that gives the kernel call
+back its model-level meaning, e.g. transformers' ``pack_gqa``.
+
+When capture is off, ``torch.nn.functional.scaled_dot_product_attention`` is
+torch's own object again, everywhere it was replaced.  The seam captures
+nothing inside ``torch.compile``d graphs: there the wrapper passes straight
+through to the kernel (see ``visualizer.integrations.compile`` for captures
+that do work there).  A reference bound elsewhere (an attribute such as
+``self.attn_fn = F.scaled_dot_product_attention`` made at import) is not
+replaced.
+"""
+import sys
+import threading
+import warnings
+import weakref
+
+from .. import _compat
+from .._errors import CaptureWarning
+
+__all__ = ["install", "uninstall", "adapter", "Call", "probabilities"]
+
+NAME = "scaled_dot_product_attention"
+_MAX_DEPTH = 48  # frames looked at above a kernel call
+
+_lock = threading.RLock()
+_states = weakref.WeakSet()  # active states the seam serves
+_original = None             # torch's own function
+_holders = []                # namespaces (dicts) where we replaced it
+_scanned = {}                # module name -> module, namespaces already looked through
+_adapters = {}               # id(code) -> (code, adapt(frame, call, state) -> (call, owner))
+_code_info = {}              # id(code) -> (code, kind, qualname, first argument)
+_failed = set()
+
+
+class Call:
+    """The arguments of one kernel call, by name."""
+
+    __slots__ = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                 "enable_gqa")
+
+    def __init__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                 scale=None, enable_gqa=False):
+        self.query = query
+        self.key = key
+        self.value = value
+        self.attn_mask = attn_mask
+        self.dropout_p = dropout_p
+        self.is_causal = is_causal
+        self.scale = scale
+        self.enable_gqa = enable_gqa
+
+    def replace(self, **changes):
+        """A copy with some arguments changed."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return Call(**fields)
+
+    def probabilities(self, queries=None, heads=None, grad=False):
+        """The attention probabilities of this call (see ``probabilities``)."""
+        return probabilities(self, queries=queries, heads=heads, grad=grad)
+
+
+def probabilities(call, queries=None, heads=None, grad=False):
+    """Return ``softmax(q kᵀ · scale + mask)`` of a kernel call, as the kernel defines it.
+
+    ``queries`` keeps only those query rows and ``heads`` only those heads
+    (an int, a slice or a sequence of ints; negative ints count from the end),
+    computed from the selected rows of ``q`` and the selected heads, never
+    from the whole matrix.  The result has the query's dtype (computed in
+    float32 for float16 and bfloat16) and shape ``(..., heads, queries, keys)``.
+    ``grad`` keeps it attached to the autograd graph.
+    """
+    torch = sys.modules["torch"]
+    q, k, mask = call.query, call.key, call.attn_mask
+    length, keys = q.shape[-2], k.shape[-2]
+    device = q.device
+    with torch.set_grad_enabled(bool(grad) and torch.is_grad_enabled()):
+        head_index = None
+        if q.dim() >= 3:
+            q_heads = q.shape[-3]
+            if heads is not None:
+                head_index = _index(torch, heads, q_heads, device, "heads")
+                q = q.index_select(-3, head_index)
+            k_heads = k.shape[-3] if k.dim() >= 3 else 1
+            if k_heads not in (1, q_heads) and q_heads % k_heads == 0:
+                # grouped-query attention: query head h reads key head h // group
+                group = q_heads // k_heads
+                chosen = head_index if head_index is not None else torch.arange(
+                    q_heads, device=device)
+                k = k.index_select(-3, torch.div(chosen, group, rounding_mode="floor"))
+            elif head_index is not None and k_heads == q_heads:
+                k = k.index_select(-3, head_index)
+        row_index = None
+        if queries is not None:
+            row_index = _index(torch, queries, length, device, "queries")
+            q = q.index_select(-2, row_index)
+        dtype = q.dtype
+        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+        scores = torch.matmul(q.to(work), k.to(work).transpose(-2, -1)) * scale
+        if call.is_causal:
+            rows = torch.arange(length, device=device)
+            if row_index is not None:
+                rows = rows[row_index]
+            allowed = rows[:, None] >= torch.arange(keys, device=device)[None, :]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        if mask is not None:
+            if row_index is not None and mask.dim() >= 2 and mask.shape[-2] == length != 1:
+                mask = mask.index_select(-2, row_index)
+            if head_index is not None and mask.dim() >= 3 and mask.shape[-3] not in (1,):
+                mask = mask.index_select(-3, head_index)
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask.to(work)
+        safe = getattr(torch, "_safe_softmax", None)
+        if safe is not None:
+            probs = safe(scores, -1)
+        else:  # pragma: no cover - torch before 2.5: fully masked rows are zeros there too
+            probs = torch.softmax(scores, -1).nan_to_num(0.0)
+        return probs.to(dtype)
+
+
+def _index(torch, selection, size, device, what):
+    """A LongTensor of the positions ``selection`` picks out of ``size``."""
+    if isinstance(selection, slice):
+        picked = list(range(size))[selection]
+    elif isinstance(selection, int):
+        picked = [selection]
+    else:
+        picked = list(selection)
+    out = []
+    for i in picked:
+        if not -size <= i < size:
+            raise IndexError("{}={!r}: position {} is out of range for {} {}".format(
+                what, selection, i, size, "heads" if what == "heads" else "queries"))
+        out.append(i % size)
+    return torch.tensor(out, dtype=torch.long, device=device)
+
+
+# -- installing the seam --------------------------------------------------------------
+
+
+def install(state):
+    """Serve ``state`` from now on; put the seam in place if it is not (torch must be imported)."""
+    from . import wait_for_adapters
+
+    wait_for_adapters()
+    with _lock:
+        _states.add(state)
+        _patch()
+
+
+def uninstall(state):
+    """Stop serving ``state``; when no state is left, torch's own function goes back everywhere."""
+    with _lock:
+        _states.discard(state)
+        if not len(_states):
+            _unpatch()
+
+
+def installed():
+    """Whether ``torch.nn.functional.scaled_dot_product_attention`` is the seam now."""
+    functional = sys.modules.get("torch.nn.functional")
+    return functional is not None and getattr(functional, NAME, None) is scaled_dot_product_attention
+
+
+def serving():
+    """Whether some active capture is served by the seam now."""
+    return any(state.active for state in list(_states))
+
+
+def original():
+    """torch's own ``scaled_dot_product_attention`` (None before torch was seen)."""
+    return _original
+
+
+def _patch():
+    global _original
+    functional = sys.modules.get("torch.nn.functional")
+    current = getattr(functional, NAME, None)
+    if current is None:
+        return
+    if _original is None:
+        _original = current
+    _scan()
+    for namespace, name in _holders:
+        if namespace.get(name) is _original:
+            namespace[name] = scaled_dot_product_attention
+
+
+def _unpatch():
+    if _original is None:
+        return
+    _scan()  # modules imported while capturing may hold the seam
+    for namespace, name in _holders:
+        if namespace.get(name) is scaled_dot_product_attention:
+            namespace[name] = _original
+
+
+def _scan():
+    """Note each global that holds torch's function or the seam, in modules not seen yet.
+
+    ``from torch.nn.functional import scaled_dot_product_attention`` binds
+    the function in the importing module; those names are replaced too.
+    torch's private modules (``torch._C._nn`` and the like) keep their own.
+    """
+    for name, module in list(sys.modules.items()):
+        if module is None or _scanned.get(name) is module:
+            continue
+        _scanned[name] = module
+        if name == __name__ or name.startswith(("torch._", "visualizer.")):
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attr, value in list(namespace.items()):
+            if value is _original or value is scaled_dot_product_attention:
+                _holders.append((namespace, attr))
+
+
+def adapter(code, adapt):
+    """Give calls made from ``code`` (a frame on the stack above the kernel) to ``adapt``.
+
+    ``adapt(frame, call, state)`` returns ``(call, owner)``: the call as the
+    model means it (e.g. transformers' packed grouped-query heads unpacked),
+    and ``None`` or ``(target, source)``, a watched function to capture the
+    probabilities into instead of the kernel's own key.
+    """
+    _adapters[id(code)] = (code, adapt)
+
+
+# -- the seam itself ------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(query, key, value, *args, **kwargs):
+    """torch's ``scaled_dot_product_attention``, also giving its probabilities to visualizer.
+
+    Returns exactly what torch's own function returns for these arguments
+    (that function computes it); see ``visualizer.integrations.kernel``.
+    """
+    out = _original(query, key, value, *args, **kwargs)
+    if _compiling():
+        return out
+    if len(_states):
+        try:
+            _seen(sys._getframe(1), Call(query, key, value, *args, **kwargs))
+        except Exception as exc:  # a capture must never break the model
+            _report(exc)
+    return out
+
+
+def _compiling():
+    torch = sys.modules.get("torch")
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    return is_compiling is not None and is_compiling()
+
+
+def _report(exc):
+    seen = (type(exc).__name__, str(exc))
+    if seen in _failed:
+        return
+    _failed.add(seen)
+    warnings.warn(
+        "visualizer: capturing an attention kernel call failed and that call recorded "
+        "nothing: {}: {}".format(type(exc).__name__, exc), CaptureWarning, stacklevel=3)
+
+
+def _seen(frame, call):
+    for state in list(_states):
+        if state.active:
+            _deliver(state, frame, call)
+
+
+def _info(code):
+    """(kind, qualname, first argument) of a code object: 'adapter', 'method' or 'other'."""
+    entry = _code_info.get(id(code))
+    if entry is not None and entry[0] is code:
+        return entry[1:]
+    if id(code) in _adapters and _adapters[id(code)][0] is code:
+        kind = "adapter"
+    elif code.co_argcount >= 1 and not code.co_filename.replace("\\", "/").endswith(
+            "torch/nn/modules/module.py"):
+        kind = "method"
+    else:
+        kind = "other"
+    info = (kind, _compat.code_qualname(code), code.co_varnames[0] if code.co_argcount else None)
+    if kind == "method" and info[1] is not None and not _in_class(info[1]):
+        info = ("other",) + info[1:]
+    _code_info[id(code)] = (code,) + info
+    return info
+
+
+def _in_class(qualname):
+    parts = qualname.split(".")
+    return len(parts) >= 2 and parts[-2] != "<locals>"
+
+
+def locate(frame, call, state):
+    """Find who a kernel call belongs to, walking up from its caller's ``frame``.
+
+    Returns ``(call, owner, key, qualname, source)``: the call after any
+    adapter, ``owner`` a ``(target, frame or None, source)`` when a watched
+    function takes the probabilities, and otherwise the key (the qualname of
+    the nearest method of an ``nn.Module``, or the kernel's name) and source.
+    """
+    module_type = sys.modules["torch"].nn.Module
+    depth = 0
+    while frame is not None and depth < _MAX_DEPTH:
+        code = frame.f_code
+        kind, qualname, first = _info(code)
+        target = state.target_of(code)
+        if target is not None and target.takes_kernel():
+            return call, (target, frame, None), None, None, None
+        if kind == "adapter":
+            call, owner = _adapters[id(code)][1](frame, call, state)
+            if owner is not None:
+                return call, (owner[0], None, owner[1]), None, None, None
+        elif kind == "method":
+            owner_object = frame.f_locals.get(first)
+            if isinstance(owner_object, module_type):
+                if qualname is None:  # before 3.11
+                    qualname = _compat.code_qualname(code, owner_object)
+                    if qualname is not None:
+                        _code_info[id(code)] = (code, kind, qualname, first)
+                if qualname is not None and _in_class(qualname):
+                    return call, None, qualname, qualname, owner_object
+        frame = frame.f_back
+        depth += 1
+    return call, None, NAME, NAME, None
+
+
+def _deliver(state, frame, call):
+    call, owner, key, qualname, source = locate(frame, call, state)
+    state.capture_kernel(key, qualname, source, call, owner)

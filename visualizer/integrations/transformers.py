@@ -1,0 +1,96 @@
+"""transformers: what the kernel seam needs to know, and its eager-only models.
+
+transformers 5.x computes attention with the function that
+``config._attn_implementation`` names: ``'sdpa'`` by default, which calls the
+kernel (``integrations/sdpa_attention.py``), or the ``eager_attention_forward``
+of each modeling module.  So:
+
+* default (sdpa) models are captured at the kernel seam, under the
+  ``__qualname__`` of their attention class (``'BertSelfAttention.forward'``),
+  outputs untouched.  For a one-token decoding step with a mask,
+  ``sdpa_attention_forward`` packs grouped-query heads into the query axis
+  (``pack_gqa``: the kernel sees ``(batch, kv_heads, n_rep, dim)``);
+  ``_sdpa_adapter`` unpacks them, so captures are ``(batch, heads, 1, keys)``.
+* models that run eager (those without an sdpa path, or built with
+  ``attn_implementation='eager'``) are captured from their module's
+  ``eager_attention_forward`` (variable ``attn_weights``, source: the
+  attention module), for every modeling module, as it is imported.
+* ``get_local.watch('...modeling_bert.eager_attention_forward', 'attn_weights')``
+  on a default (sdpa) model: that function never runs, so the seam hands it
+  the kernel's probabilities, from the calls whose attention module's class
+  is defined in that modeling module.
+* transformers 4.x: the SDPA classes call the kernel themselves (captured
+  there); the eager ``<Family>SelfAttention.forward`` keeps
+  ``attention_probs``.
+"""
+import sys
+
+from . import kernel
+
+__all__ = ["watch", "adapt_sdpa", "watch_modeling_module"]
+
+SDPA_MODULE = "transformers.integrations.sdpa_attention"
+
+
+def adapt_sdpa(frame, call, state):
+    """Give a kernel call made by ``sdpa_attention_forward`` its model-level shape and owner."""
+    local = frame.f_locals
+    q = call.query
+    q_length = local.get("q_length")
+    if q_length == 1 and q.dim() == 4 and q.shape[2] > 1:
+        # pack_gqa: head h = g * n_rep + r sits at [g, r]; put the heads back.
+        batch, groups, n_rep, dim = q.shape
+        mask = call.attn_mask
+        if mask is not None and mask.dim() == 4 and mask.shape[1] == groups and \
+                mask.shape[2] == n_rep:
+            mask = mask.reshape(mask.shape[0], groups * n_rep, 1, mask.shape[-1])
+        call = call.replace(query=q.reshape(batch, groups * n_rep, 1, dim), attn_mask=mask,
+                            enable_gqa=True)
+    module = local.get("module")
+    modeling = sys.modules.get(type(module).__module__) if module is not None else None
+    eager = getattr(modeling, "eager_attention_forward", None)
+    code = getattr(eager, "__code__", None)
+    if code is not None:
+        target = state.target_of(code)
+        if target is not None and target.explicit and target.names == ("attn_weights",):
+            return call, (target, module)
+    return call, None
+
+
+def watch_modeling_module(get_local, module):
+    """Watch one modeling module's eager attention; return the functions watched."""
+    watched = []
+    eager = getattr(module, "eager_attention_forward", None)
+    if getattr(eager, "__code__", None) is not None and \
+            "attn_weights" in eager.__code__.co_varnames:
+        watched.append(get_local._watch(eager, ("attn_weights",), source="module",
+                                        explicit=False, attention=True))
+        return watched
+    # 4.x: the eager class keeps ``attention_probs``; its SDPA sibling calls the kernel.
+    prefix = module.__name__.rsplit("_", 1)[-1]
+    for cls in _classes_of(module):
+        forward = vars(cls).get("forward")
+        if cls.__name__.lower() == prefix + "selfattention" and \
+                "attention_probs" in getattr(getattr(forward, "__code__", None), "co_varnames", ()):
+            watched.append(get_local._watch(forward, ("attention_probs",), explicit=False,
+                                            attention=True))
+    return watched
+
+
+def _classes_of(module):
+    return [obj for obj in vars(module).values()
+            if isinstance(obj, type) and obj.__module__ == module.__name__]
+
+
+def on_sdpa_module(module):
+    """Register the adapter for ``sdpa_attention_forward`` (when its module is imported)."""
+    function = getattr(module, "sdpa_attention_forward", None)
+    if getattr(function, "__code__", None) is not None:
+        kernel.adapter(function.__code__, adapt_sdpa)
+
+
+def is_modeling_module(name):
+    """Whether ``name`` is a transformers modeling module (``transformers.models.x.modeling_x``)."""
+    parts = name.split(".")
+    return len(parts) == 4 and parts[1] == "models" and parts[3].startswith("modeling_") \
+        and not parts[3].startswith(("modeling_tf_", "modeling_flax_"))

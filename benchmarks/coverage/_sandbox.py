@@ -24,6 +24,7 @@ def _child(function, item, memory_bytes, seconds, write_fd, quiet):
     """In the forked child: limit, run, send the result, exit without cleanup."""
     status = 0
     try:
+        _die_with_parent()
         if quiet:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
@@ -54,6 +55,16 @@ def _child(function, item, memory_bytes, seconds, write_fd, quiet):
         status = 1
     finally:
         os._exit(status)
+
+
+def _die_with_parent():
+    """Linux: have the kernel kill this child when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class _Timeout(BaseException):

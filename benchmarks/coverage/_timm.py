@@ -65,7 +65,7 @@ def model_names():
 
 
 def _build(name):
-    """``(model, input)`` at the smallest size the model takes of ours (64 px) or its default."""
+    """``(model, input)``: the smallest build and input the model takes of ours, else its defaults."""
     import timm
     import torch
 
@@ -77,25 +77,19 @@ def _build(name):
         except Exception as error:
             errors.append(error)
             continue
-        size = _input_size(model, kwargs)
-        x = torch.randn((BATCH,) + size, generator=torch.Generator().manual_seed(SEED))
-        try:
-            with torch.no_grad():
-                model(x)
-        except Exception as error:
-            errors.append(error)
-            continue
-        model._coverage_kwargs = kwargs
-        return model, x
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        channels, height, width = cfg.get("input_size", (3, 224, 224))
+        for size in dict.fromkeys([(channels, IMG_SIZE, IMG_SIZE), (channels, height, width)]):
+            x = torch.randn((BATCH,) + size, generator=torch.Generator().manual_seed(SEED))
+            try:
+                with torch.no_grad():
+                    model(x)
+            except Exception as error:
+                errors.append(error)
+                continue
+            model._coverage_kwargs = kwargs
+            return model, x
     raise errors[-1]
-
-
-def _input_size(model, kwargs):
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    channels, height, width = cfg.get("input_size", (3, 224, 224))
-    if "img_size" in kwargs:
-        height = width = kwargs["img_size"]
-    return (channels, height, width)
 
 
 def _set_fused(model, value):

@@ -65,11 +65,13 @@ def captured_maps(cache):
     return maps
 
 
-def match_maps(reference, captured):
+def match_maps(reference, captured, owners=None):
     """Match every reference map (NumPy) to a captured map of the same shape and values.
 
     Returns ``(unmatched, reason)``: the number of reference maps without a
     match and a one-line description of them (empty when all matched).
+    ``owners`` (one name per reference map, for example the module method that
+    computed it) are named in the reason for the maps left unmatched.
     """
     by_shape = collections.defaultdict(list)
     by_layout = collections.defaultdict(list)  # (B*H, N, M) and (B, H, N, M) hold the same values
@@ -79,12 +81,15 @@ def match_maps(reference, captured):
     missing_shape = collections.Counter()
     wrong_value = collections.Counter()
     closest = {}
-    for ref in reference:
+    missing_owners = collections.Counter()
+    for index, ref in enumerate(reference):
         candidates = by_shape.get(ref.shape, [])
         if not candidates:
             candidates = [c.reshape(ref.shape) for c in by_layout.get((ref.size, ref.shape[-2:]), [])]
         if not candidates:
             missing_shape[ref.shape] += 1
+            if owners:
+                missing_owners[owners[index]] += 1
             continue
         errors = [float(np.nanmax(np.abs(c - ref))) if c.size else 0.0 for c in candidates]
         same_nan = [bool(np.array_equal(np.isnan(c), np.isnan(ref))) for c in candidates]
@@ -92,6 +97,8 @@ def match_maps(reference, captured):
             continue
         wrong_value[ref.shape] += 1
         closest[ref.shape] = min(errors)
+        if owners:
+            missing_owners[owners[index]] += 1
     unmatched = sum(missing_shape.values()) + sum(wrong_value.values())
     parts = []
     for shape, count in missing_shape.items():
@@ -100,6 +107,8 @@ def match_maps(reference, captured):
         parts.append("{} of shape {} captured with other values (closest max error {:.2g})".format(
             count, _shape(shape), closest[shape]))
     reason = ""
+    if missing_owners:
+        parts.append("computed in " + ", ".join("{} ({})".format(k, v) for k, v in missing_owners.items()))
     if parts:
         reason = "{}/{} maps unmatched: {}; captured shapes: {}".format(
             unmatched, len(reference), ", ".join(parts),

@@ -479,6 +479,20 @@ def _forward(model, inputs, **extra):
         return model(**dict(inputs, **extra))
 
 
+def _diagnosis(model):
+    """Why a miss may happen: the default implementation, and which modeling modules lack an eager function."""
+    import sys
+
+    modules = sorted({type(m).__module__ for m in model.modules()
+                      if type(m).__module__.startswith("transformers.models.")})
+    without = [m.rsplit(".", 1)[-1] for m in modules
+               if "eager_attention_forward" not in vars(sys.modules[m]) and m.rsplit(".", 1)[-1].startswith("modeling_")]
+    text = "default implementation {}".format(getattr(model.config, "_attn_implementation", None))
+    if without:
+        text += "; no eager_attention_forward in " + ", ".join(without)
+    return text
+
+
 def check(model_type):
     """Check one model type; returns a dict with ``status`` and ``reason`` (see the package docstring)."""
     import torch
@@ -530,5 +544,5 @@ def check(model_type):
     result["unmatched"] = unmatched
     reasons = [r for r in (why, changed) if r]
     if reasons:
-        return dict(result, status="missed", reason="; ".join(reasons))
+        return dict(result, status="missed", reason="; ".join(reasons + [_diagnosis(model)]))
     return dict(result, status="covered", reason="")

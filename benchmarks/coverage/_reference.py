@@ -11,6 +11,7 @@ are compared with (run it on a model whose fused attention is switched off,
 so that the probabilities exist).
 """
 import math
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -48,6 +49,7 @@ class SoftmaxRecorder(TorchFunctionMode):
         super().__init__()
         self.maps = []
         self.kinds = []
+        self.owners = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -58,6 +60,7 @@ class SoftmaxRecorder(TorchFunctionMode):
                     dim == -1 or dim == result.dim() - 1):
                 self.maps.append(result.detach().float().clone())
                 self.kinds.append("softmax")
+                self.owners.append(_owner())
         elif func is torch.nn.functional.scaled_dot_product_attention:
             names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
             bound = dict(zip(names, args), **kwargs)
@@ -65,4 +68,16 @@ class SoftmaxRecorder(TorchFunctionMode):
             with torch.no_grad():
                 self.maps.append(sdpa_probabilities(**bound).detach())
             self.kinds.append("sdpa")
+            self.owners.append(_owner())
         return result
+
+
+def _owner():
+    """``'Class.method'`` of the nearest method of a ``torch.nn.Module`` on the call stack."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        self = frame.f_locals.get("self") if frame.f_code.co_varnames[:1] == ("self",) else None
+        if isinstance(self, torch.nn.Module):
+            return "{}.{}".format(type(self).__name__, frame.f_code.co_name)
+        frame = frame.f_back
+    return "?"

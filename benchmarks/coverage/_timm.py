@@ -154,7 +154,7 @@ def check(name):
         return dict(result, status="missed", reason="forward under capture raised " + one_line(error))
     maps = captured_maps(cache)
     result["captured"] = len(maps)
-    unmatched, why = match_maps(reference, maps)
+    unmatched, why = match_maps(reference, maps, recorder.owners)
     changed = outputs_equal(plain, captured)
     result["unmatched"] = unmatched
     reasons = [r for r in (why, changed) if r]

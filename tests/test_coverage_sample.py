@@ -12,9 +12,15 @@ fused path off) must equal a captured map, and the outputs under capture must
 be bit-identical to the outputs without.  Known misses are ``xfail`` with
 their reason (strict: a fix makes them fail until they are moved back).
 """
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
 import pytest
 
-from conftest import require
+from conftest import ROOT, require
 
 TRANSFORMERS = ["bert", "roberta", "gpt2", "llama", "mistral", "gemma2", "qwen2", "t5", "bart",
                 "clip", "vit", "whisper", "xlnet", "deberta-v2", "opt"]
@@ -46,16 +52,23 @@ _SWEPT = {}
 
 
 def _check(library, name):
-    """The sweep's result for one architecture; each library's sample is swept once, as the sweep does
-    (its own forked process, a forked child per architecture with a memory cap and a time limit)."""
+    """The sweep's result for one architecture; each library's sample is swept once, by the sweep
+    command itself in a fresh interpreter (a forked child per architecture with a memory cap and a
+    time limit), so nothing of this test process leaks in."""
     require("torch")
     require(library)
     if library not in _SWEPT:
-        from benchmarks.coverage import run
-
         names = [n for lib, n in _all() if lib == library]
-        section = run.sweep_isolated(library, names, memory_gb=8.0, timeout=300.0, progress=False)
-        assert "results" in section, section
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "results.json")
+            command = [sys.executable, "-m", "benchmarks.coverage", "--library", library,
+                       "--only", ",".join(names), "--memory-gb", "8", "--timeout", "300",
+                       "--out", os.path.join(tmp, "COVERAGE.md"), "--json", out]
+            done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  universal_newlines=True, timeout=1800)
+            assert done.returncode == 0, done.stdout[-3000:]
+            with open(out) as f:
+                section = json.load(f)[0]
         _SWEPT[library] = {r["name"]: r for r in section["results"]}
     return _SWEPT[library][name]
 

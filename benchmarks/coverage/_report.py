@@ -1,5 +1,6 @@
 """COVERAGE.md from the results of the sweeps."""
 import collections
+import os
 import platform
 
 __all__ = ["STATUSES", "markdown"]
@@ -41,7 +42,8 @@ def _cell(text):
 def markdown(sections):
     """The whole COVERAGE.md for a list of sweep sections (one per library)."""
     lines = [_HEAD]
-    lines.append("Machine: {} CPU, Python {}.\n".format(platform.machine(), platform.python_version()))
+    lines.append("Machine: {} CPU cores ({}), Python {}; one architecture at a time unless `--jobs`.\n".format(
+        os.cpu_count(), platform.machine(), platform.python_version()))
     lines.append("| library | version | architectures | covered | missed | no attention | not built "
                  "| coverage | sweep time |")
     lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

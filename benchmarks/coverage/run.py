@@ -109,10 +109,15 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write the Markdown table here (default: stdout)")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--verbose", action="store_true", help="let the children print")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="sweep nothing: write the table from the raw results of an earlier --json")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # unwind, so that every child is killed too
     if args.jobs < 1:
         parser.error("--jobs must be at least 1, got {}".format(args.jobs))
+    if args.from_json:
+        with open(args.from_json) as f:
+            return _write(_report.markdown(json.load(f)), args.out)
     libraries = args.library or list(LIBRARIES)
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     if only is not None and not only:
@@ -127,16 +132,19 @@ def main(argv=None):
             _log("{} sweep failed: {}".format(library, outcome.get("reason")))
             return 1
         sections.append(outcome)
-    text = _report.markdown(sections)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-        _log("wrote " + args.out)
-    else:
-        sys.stdout.write(text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(sections, f, indent=1)
+    return _write(_report.markdown(sections), args.out)
+
+
+def _write(text, out):
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+        _log("wrote " + out)
+    else:
+        sys.stdout.write(text)
     return 0
 
 

@@ -82,6 +82,7 @@ def match_maps(reference, captured, owners=None):
     wrong_value = collections.Counter()
     closest = {}
     missing_owners = collections.Counter()
+    not_probabilities = 0
     for index, ref in enumerate(reference):
         candidates = by_shape.get(ref.shape, [])
         if not candidates:
@@ -97,6 +98,7 @@ def match_maps(reference, captured, owners=None):
             continue
         wrong_value[ref.shape] += 1
         closest[ref.shape] = min(errors)
+        not_probabilities += not _is_probability(ref)
         if owners:
             missing_owners[owners[index]] += 1
     unmatched = sum(missing_shape.values()) + sum(wrong_value.values())
@@ -107,6 +109,9 @@ def match_maps(reference, captured, owners=None):
         parts.append("{} of shape {} captured with other values (closest max error {:.2g})".format(
             count, _shape(shape), closest[shape]))
     reason = ""
+    if not_probabilities:
+        parts.append("{} of the reference maps are no probabilities (values outside [0, 1] or rows "
+                     "not summing to 1: scores returned as attentions)".format(not_probabilities))
     if missing_owners:
         parts.append("computed in " + ", ".join("{} ({})".format(k, v) for k, v in missing_owners.items()))
     if parts:
@@ -114,6 +119,14 @@ def match_maps(reference, captured, owners=None):
             unmatched, len(reference), ", ".join(parts),
             ", ".join("{}x{}".format(len(v), _shape(k)) for k, v in sorted(by_shape.items())) or "none")
     return unmatched, reason
+
+
+def _is_probability(array):
+    """Whether every row of ``array`` is a probability distribution (or all zeros: a masked query)."""
+    if not np.all(np.isfinite(array)) or array.min() < -1e-6 or array.max() > 1 + 1e-6:
+        return False
+    sums = array.sum(axis=-1)
+    return bool(np.all((np.abs(sums - 1) < 1e-3) | (np.abs(sums) < 1e-6)))
 
 
 def outputs_equal(first, second):

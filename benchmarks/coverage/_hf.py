@@ -524,9 +524,18 @@ def check(model_type):
         if "output_attentions" in errors[0] or "for timm models" in errors[0]:
             return dict(result, status="no attention", reason="forward takes no output_attentions: " + errors[0])
         return dict(result, status="not built", reason="eager forward failed: " + errors[0])
-    reference = [t.detach().float().numpy() for t in reference if t.dim() >= 2]
+    # A map has a query and a key axis and a head (or batch) axis; some vision towers record
+    # their (tokens, width) outputs as "attentions" (Qwen2-VL and kin): those are no maps.
+    flat = sorted({tuple(t.shape) for t in reference if t.dim() < 3})
+    reference = [t.detach().float().numpy() for t in reference if t.dim() >= 3]
+    if flat:
+        result["not_maps"] = flat
     if not reference:
-        return dict(result, status="no attention", reason="no attention maps under eager with output_attentions")
+        reason = "no attention maps under eager with output_attentions"
+        if flat:
+            reason = "output_attentions holds only 2-D tensors {}, not attention maps".format(
+                ", ".join("({})".format(",".join(map(str, s))) for s in flat))
+        return dict(result, status="no attention", reason=reason)
     result["maps"] = len(reference)
     try:
         plain = _forward(model, inputs)

@@ -14,7 +14,10 @@ For one model name :func:`check`
 
 A model name is swept when its module (or a timm.models module it imports
 from) mentions softmax, SDPA, ``fused_attn`` or an ``Attention`` class; a
-model that then computes no softmax at all is "no attention".
+model none of whose modules (built on the meta device) comes from a source
+file computing a softmax or calling SDPA is "no attention" at once, and so is
+a model that then computes no softmax over its last axis at all (factorized,
+linear attention: out of scope).
 """
 import importlib
 import inspect
@@ -92,6 +95,37 @@ def _build(name):
     raise errors[-1]
 
 
+_COMPUTES = re.compile(r"softmax\(|scaled_dot_product_attention|fused_attn")
+
+
+def _without_attention(name):
+    """True when no module of the model (built on the meta device: no memory, no init work) comes
+    from a source file that computes a softmax or calls SDPA; False when unsure."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:
+        return False
+    files = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Softmax):
+            return False
+        try:
+            files.add(inspect.getsourcefile(type(module)))
+        except TypeError:
+            return False
+    for path in files:
+        if path is None or "/torch/" in path:
+            continue
+        with open(path) as f:
+            if _COMPUTES.search(f.read()):
+                return False
+    return True
+
+
 def _set_fused(model, value):
     """Set every module's ``fused_attn``; return the previous values to put back."""
     before = []
@@ -119,6 +153,8 @@ def check(name):
     from ._reference import SoftmaxRecorder
 
     torch.set_num_threads(1)
+    if _without_attention(name):
+        return {"status": "no attention", "reason": "no module computes a softmax or calls SDPA"}
     try:
         model, x = _build(name)
     except Exception as error:

@@ -28,8 +28,12 @@ EXTRAS = {
     "save": ["numpy"],
     "notebooks": ["jupyter", "matplotlib", "numpy", "pillow"],
     "test": ["pytest", "numpy", "hypothesis"],
+    "views": ["numpy"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+# The browser tests, outside "all": playwright drives the system's chromium
+# (apt-get install chromium) and never downloads a browser of its own.
+EXTRAS["pages"] = ["playwright", "pytest", "numpy", "pillow"]
 
 setup(
     name="visualizer",
@@ -38,6 +42,8 @@ setup(
     long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["visualizer", "visualizer.*"]),
+    # the views' JavaScript and CSS, inlined into every page
+    package_data={"visualizer.views.pages": ["*.js", "*.css"]},
     python_requires=">=3.8",
     install_requires=BYTECODE,
     extras_require=EXTRAS,

@@ -41,6 +41,14 @@ def watch_timm(get_local):
             "overrides={'fused_attn': False})")
 
 
+def watch_timm_eager(get_local):
+    """Watch timm's attention on its eager path (what captures inside compiled graphs)."""
+    get_local.watch("timm.layers.attention.Attention.forward", "attn",
+                    overrides={"fused_attn": False})
+    return ("get_local.watch('timm.layers.attention.Attention.forward', 'attn', "
+            "overrides={'fused_attn': False})")
+
+
 def watch_bert(get_local):
     """Watch BERT's attention probabilities; return (code, whether SDPA models switch)."""
     if hasattr(get_local, "watch_attention"):
@@ -53,7 +61,7 @@ def watch_bert(get_local):
 
 
 TIMM_KEY = "Attention.forward"
-BERT_KEY = "eager_attention_forward"
+BERT_KEY = "BertSelfAttention.forward"
 
 
 def load_anycapture(directory):

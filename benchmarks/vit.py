@@ -5,7 +5,10 @@ allocating and freeing the captures is timed):
 
 * eager forward: ``fused_attn=False`` on every attention module, no capture (the baseline);
 * fused forward: the default model (``F.scaled_dot_product_attention``), no capture;
-* get_local: the default model, watched with the eager path forced while capturing;
+* get_local: the default model, captured at the kernel seam (``watch_attention()``):
+  the fused kernel runs, and the probabilities are computed beside it;
+* get_local with the eager path forced: ``watch(..., 'attn', overrides={'fused_attn':
+  False})``, what the presets did before the seam;
 * forward hooks on each ``attn.attn_drop`` (what ``AttentionExtract(method='hook')``
   hooks), storing NumPy copies like get_local's default, or the tensors themselves;
 * ``timm.utils.AttentionExtract`` with ``method='fx'`` and ``method='hook'``;
@@ -20,7 +23,8 @@ from ._timing import (Variant, capture_switch, check_maps, e2e_table, interleave
 
 EAGER = "eager forward (no capture)"
 FUSED = "fused forward (no capture)"
-GL = "get_local, NumPy copies (default)"
+GL = "get_local seam, NumPy copies (default)"
+GL_FORCED = "get_local, eager path forced (fused_attn=False)"
 GL_GRAPH = "get_local store='graph' (tensors, no copy)"
 GL_SCOPE = "get_local.capture() block per batch"
 HOOKS = "forward hooks, NumPy copies"
@@ -38,6 +42,11 @@ def run(cfg, model_name, anycapture, notes):
     from timm.layers.attention import Attention
     from timm.utils import AttentionExtract
     from visualizer import get_local
+    from visualizer._get_local import GetLocal
+
+    forced = GetLocal()  # a second get_local: the eager path forced, no seam family
+    forced.watch("timm.layers.attention.Attention.forward", "attn",
+                 overrides={"fused_attn": False})
 
     how = _env.watch_timm(get_local)
     torch.manual_seed(0)
@@ -93,6 +102,10 @@ def run(cfg, model_name, anycapture, notes):
         with get_local.capture():
             fused(x)
 
+    def run_forced():
+        fused(x)
+        forced.clear()
+
     ae_fx = AttentionExtract(eager, method="fx")
     ae_hook = AttentionExtract(copy.deepcopy(eager), method="hook")
 
@@ -102,6 +115,7 @@ def run(cfg, model_name, anycapture, notes):
         Variant(GL, run_get_local, *configure()),
         Variant(GL_GRAPH, run_get_local, *configure(store="graph")),
         Variant(GL_SCOPE, run_scope),
+        Variant(GL_FORCED, run_forced, *capture_switch(forced)),
         Variant(HOOKS, run_hooks, *hooks(True)),
         Variant(HOOKS_KEEP, run_hooks, *hooks(False)),
         Variant(AE_FX, lambda: ae_fx(x)),
@@ -152,8 +166,13 @@ def run(cfg, model_name, anycapture, notes):
         maps = list(get_local.cache.get(_env.TIMM_KEY, []))
         exit()
         check_maps(GL, maps, reference, depth)
-        if not torch.allclose(out, reference_out, rtol=1e-5, atol=1e-5):
-            raise AssertionError("capturing changed the model output")
+        if not torch.equal(out, fused(x)):
+            raise AssertionError("capturing at the seam changed the model output")
+        enter, exit = capture_switch(forced)
+        enter()
+        fused(x)
+        check_maps(GL_FORCED, list(forced.cache.get(_env.TIMM_KEY, [])), reference, depth)
+        exit()
         enter, exit = configure(store="graph")
         enter()
         fused(x)
@@ -187,10 +206,17 @@ def run(cfg, model_name, anycapture, notes):
         "stats": stats,
         "gl_vs_eager": (stats[GL]["ratio"], stats[GL]["ci"]),
         "gl_vs_hooks": paired_ratio(times, GL, HOOKS),
+        "gl_vs_fused": paired_ratio(times, GL, FUSED),
+        "gl_vs_forced": paired_ratio(times, GL, GL_FORCED),
+        "gl_vs_ae_hook": paired_ratio(times, GL, AE_HOOK),
+        "gl_vs_ae_fx": paired_ratio(times, GL, AE_FX),
         "gl_graph_vs_hooks_keep": paired_ratio(times, GL_GRAPH, HOOKS_KEEP),
         "rounds": cfg["vit_rounds"],
         "fused_gap": fused_gap,
         "anycapture": anycapture is not None,
+        # Off means absent: with capture off, the kernel is torch's own builtin again.
+        "seam_off": type(torch.nn.functional.scaled_dot_product_attention).__name__
+        == "builtin_function_or_method",
     }
     if anycapture is not None:
         summary["gl_vs_anycapture"] = paired_ratio(times, GL, ANY)

@@ -17,10 +17,12 @@ import pytest
 
 from conftest import ROOT, require
 
+# Offline, the demo's ViT is the 3-layer one trained on scikit-learn's digits.
 DEMO_FIGURES = [
-    "vit_heads_layer12.png", "vit_cls_layer12.png", "vit_cls_heads_layer12.png",
-    "vit_patch_query_layer12.png", "vit_rollout.png",
+    "vit_heads_layer3.png", "vit_cls_layer3.png", "vit_cls_heads_layer3.png",
+    "vit_patch_query_layer3.png", "vit_rollout.png",
 ] + ["bert_tokens_layer{}.png".format(i) for i in range(1, 7)] + ["bert_heads_layer6.png"]
+DEMO_PAGES = ["vit_image.html", "bert_model.html", "bert_head.html", "index.html"]
 
 
 def cli(*args, cwd, timeout=300):
@@ -252,9 +254,9 @@ def test_run_in_process_restores_argv_and_path(project, monkeypatch, capsys):
 
 # -- plot -----------------------------------------------------------------------------
 
-def assert_pngs(folder, names, min_bytes):
+def assert_pngs(folder, names, min_bytes, pages=()):
     plt_image = require("matplotlib.image")
-    assert sorted(os.listdir(str(folder))) == sorted(names)
+    assert sorted(os.listdir(str(folder))) == sorted(list(names) + list(pages))
     for name in names:
         path = os.path.join(str(folder), name)
         assert os.path.getsize(path) > min_bytes, name
@@ -389,9 +391,10 @@ def test_demo_writes_the_figures(tmp_path):
         require(name)
     proc = cli("demo", "--out", "figures", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert_pngs(tmp_path / "figures", DEMO_FIGURES, min_bytes=10000)
-    assert "capturing ViT-S/16" in proc.stderr and "capturing MiniLM-L6" in proc.stderr
+    assert_pngs(tmp_path / "figures", DEMO_FIGURES, min_bytes=10000, pages=DEMO_PAGES)
+    assert "capturing digits ViT" in proc.stderr and "capturing MiniLM-L6" in proc.stderr
     assert "wrote 12 figures to figures/" in proc.stderr
+    assert "wrote 3 interactive pages and figures/index.html" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
@@ -402,4 +405,4 @@ def test_demo_only_bert_quiet(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert sorted(os.listdir(str(tmp_path / "figures"))) == sorted(
-        n for n in DEMO_FIGURES if n.startswith("bert"))
+        n for n in DEMO_FIGURES + DEMO_PAGES if n.startswith(("bert", "index")))

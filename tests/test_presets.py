@@ -358,7 +358,7 @@ def test_torch_transformer_encoder_fast_path(presets):
     assert list(presets.by_module(encoder, cache)) == ["layers.0.self_attn", "layers.1.self_attn"]
 
 
-def test_multihead_attention_callers_get_what_they_asked_for(presets):
+def test_multihead_attention_callers_get_what_they_asked_for(presets, no_warnings):
     torch = require("torch")
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
     x = torch.randn(3, 4, 16)

@@ -514,3 +514,25 @@ def test_overrides_leave_method_calls_alone():
     items = []
     assert copy(items) is None
     assert items == [1]
+
+
+def test_softmax_outputs_names_where_eager_attention_keeps_its_probabilities():
+    from visualizer._rewrite import softmax_outputs
+
+    def method_style(q, k):
+        scores = q @ k
+        probs = scores.softmax(-1)
+        return probs @ k
+
+    def functional_style(q, k, F, torch):
+        weights = F.softmax(q @ k, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = F.dropout(weights, 0.1)
+        return weights @ k
+
+    def no_softmax(q, k):
+        out = q @ k
+        return out
+
+    assert softmax_outputs(method_style.__code__) == ["probs"]
+    assert softmax_outputs(functional_style.__code__) == ["weights"]
+    assert softmax_outputs(no_softmax.__code__) == []

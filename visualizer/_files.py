@@ -5,6 +5,13 @@ named ``'<key number>/<value number>'``, plus ``'__visualizer__'``: a JSON
 manifest (format name, version, keys in order, value counts and, for values
 that were Python numbers, that fact) stored as a byte array.  It is read with
 ``allow_pickle=False``, so loading a file can never run code.
+
+An optional ``context`` (what a view of the captures needs: token strings,
+the image the model saw, the patch grid, layer names, a title) is kept in the
+same file: its strings and numbers under the manifest's ``"context"`` entry,
+its arrays as entries ``'__context__/<name>'``.  Files written before the
+context existed have neither and still load (the format version is still 1);
+readers that predate it ignore both.
 """
 import json
 import numbers
@@ -17,10 +24,15 @@ from ._errors import VisualizerTypeError, VisualizerValueError
 FORMAT = "visualizer-cache"
 VERSION = 1
 MANIFEST = "__visualizer__"
+CONTEXT = "__context__/"
 
 
-def save_cache(cache, path):
-    """Write ``cache`` (a dict of lists of arrays or numbers) to ``path``."""
+def save_cache(cache, path, context=None):
+    """Write ``cache`` (a dict of lists of arrays or numbers) to ``path``, with ``context``.
+
+    ``context`` maps names to JSON values (strings, numbers, lists of them)
+    or to NumPy arrays of numbers.
+    """
     import numpy as np
 
     if not isinstance(cache, dict):
@@ -49,9 +61,51 @@ def save_cache(cache, path):
             arrays["{}/{}".format(k, i)] = array
         entries.append({"key": key, "count": len(values), "python_scalars": scalars})
     manifest = {"format": FORMAT, "version": VERSION, "keys": entries}
+    if context:
+        manifest["context"], context_arrays = _split_context(np, context)
+        arrays.update(context_arrays)
     arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
+
+
+def _split_context(np, context):
+    """Return ``(JSON part, {entry name: array})`` of a context dict."""
+    if not isinstance(context, dict):
+        raise VisualizerTypeError("context must be a dict, got {}".format(type(context).__name__))
+    plain, arrays = {}, {}
+    for name, value in context.items():
+        if not isinstance(name, str) or "/" in name:
+            raise VisualizerTypeError("context names must be strings without '/', got {!r}".format(name))
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject or value.dtype.kind in "USV":
+                raise VisualizerTypeError(
+                    "context[{!r}] is an array of {}, which cannot be saved without pickle; pass "
+                    "strings as a list".format(name, value.dtype))
+            arrays[CONTEXT + name] = value
+            continue
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise VisualizerTypeError(
+                "context[{!r}] is neither an array nor JSON data (strings, numbers, lists, "
+                "dicts): {}".format(name, exc)) from None
+        plain[name] = value
+    return {"values": plain, "arrays": sorted(n[len(CONTEXT):] for n in arrays)}, arrays
+
+
+def load_context(path):
+    """Return the context saved with the cache at ``path``; ``{}`` for files without one."""
+    import numpy as np
+
+    load_cache(path)  # the same checks and errors for a file that is not a cache
+    with np.load(path, allow_pickle=False) as archive:
+        manifest = json.loads(archive[MANIFEST].tobytes().decode("utf-8"))
+        saved = manifest.get("context") or {}
+        context = dict(saved.get("values", {}))
+        for name in saved.get("arrays", ()):
+            context[name] = archive[CONTEXT + name]
+    return context
 
 
 def _check_path(path, verb):

@@ -109,7 +109,9 @@ class GetLocal:
                 "watch: source {!r} is not an argument of {}; its arguments are: {}".format(
                     source, function.__qualname__,
                     ", ".join(function.__code__.co_varnames[:_n_args(function.__code__)])))
-        self._state.register(function, names, source, overrides, explicit, attention)
+        target = self._state.register(function, names, source, overrides, explicit, attention)
+        if explicit and names:
+            target.watched = True  # reported if a capture() block ends without a call
         return function
 
     def unwatch(self, target):

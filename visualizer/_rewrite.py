@@ -72,6 +72,33 @@ def loaded_attributes(code):
             if attr is not None}
 
 
+def softmax_outputs(code):
+    """Return the locals ``code`` stores a softmax into, in order of first store.
+
+    A local counts when it is the first one stored after a ``softmax`` is
+    loaded (``x.softmax(-1)``, ``F.softmax(x, dim=-1)``, ``torch.softmax``,
+    ``nn.functional.softmax(...).to(dtype)``): how eager attention computes its
+    probabilities.  Used to find the variable to capture in attention code
+    that names it in its own way.
+    """
+    names = []
+    pending = False
+    for instr in _read(code):
+        if not isinstance(instr, Instr):
+            continue
+        arg = instr.arg
+        loaded = arg[-1] if isinstance(arg, tuple) and arg and isinstance(arg[-1], str) else arg
+        if instr.name.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL")) and \
+                loaded == "softmax":
+            pending = True
+        elif pending and instr.name in ("STORE_FAST", "STORE_DEREF"):
+            target = arg.name if isinstance(arg, (CellVar, FreeVar)) else arg
+            if target not in names:
+                names.append(target)
+            pending = False
+    return names
+
+
 def missing_names(code, names):
     """Return ``(name, suggestion)`` for each name that is not a local of ``code``."""
     available = local_names(code)

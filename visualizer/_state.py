@@ -52,6 +52,7 @@ class Target:
         self.functions = weakref.WeakSet()
         self.warned = set()
         self.explicit = False   # watched or decorated by the user, not only by a preset
+        self.watched = False    # named to get_local.watch by the user
         self.attention = False  # its values are attention maps (queries=/heads= apply)
         self.maybe_unbound = False  # some return of the rewritten code may lack a name
         _torch.note_code(code, self)
@@ -190,7 +191,10 @@ def make_record_locals(target):
                     if supplied and len(missing) == 1:
                         state.capture_supplied(target, frame_locals, missing[0], supplied)
                         return
-                    target.warn_unbound(missing)
+                    if target.explicit or not target.attention:
+                        # A preset's eager variable is unbound on the fused path by
+                        # design: the kernel seam captures that path.
+                        target.warn_unbound(missing)
                 return
             source = None if target.source is None else frame_locals.get(target.source)
             state.capture(target, source, [frame_locals[n] for n in target.names])
@@ -432,7 +436,7 @@ class State:
         silent = []
         with self.lock:
             for target in self.targets.values():
-                if target.explicit and target.names and len(target.functions) and \
+                if target.watched and target.names and len(target.functions) and \
                         not any(cache.get(key) for key in target.keys):
                     silent.append("{}.{}".format(target.module, target.qualname))
         if silent:

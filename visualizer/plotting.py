@@ -312,14 +312,17 @@ def plot_head(
     title: Optional[str] = None,
     ax: Any = None,
     figsize: Tuple[float, float] = (5.0, 4.2),
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
 ) -> Figure:
-    """Draw one head's attention map as a heatmap with a colorbar.
+    """Draw one head's attention map as a heatmap with a labelled colorbar.
 
     Rows are queries and columns keys, so row ``i`` is how token ``i`` shares
     its attention.  ``attn`` is ``(heads, Nq, Nk)``, ``(batch, heads, Nq, Nk)``
     (pick the sample with ``sample``) or a single ``(Nq, Nk)`` map;
     ``head=None`` draws the mean over heads.  The colour scale runs from the
-    map's minimum to its maximum.  Pass ``ax`` to draw into an existing axes.
+    map's minimum to its maximum unless ``vmin``/``vmax`` fix it (pass the same
+    ones to figures you compare).  Pass ``ax`` to draw into an existing axes.
 
     >>> import numpy as np
     >>> fig = plot_head(np.eye(4)[None], head=0)
@@ -329,13 +332,13 @@ def plot_head(
     arr = _attention(attn, sample, square=False)
     data = _select_head(arr, head)
     fig, ax = _figure_and_axes(ax, figsize)
-    im = ax.imshow(data, cmap=cmap, interpolation="nearest", aspect="equal")
+    im = ax.imshow(data, cmap=cmap, interpolation="nearest", aspect="equal", vmin=vmin, vmax=vmax)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     if title is None:
         title = "mean of {} heads".format(arr.shape[0]) if head is None else "head {}".format(head)
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, shrink=0.9)
+    fig.colorbar(im, ax=ax, shrink=0.9).set_label("attention weight")
     return fig
 
 
@@ -349,6 +352,8 @@ def plot_heads(
     cmap: str = "viridis",
     title: Optional[str] = None,
     panel_size: float = 2.6,
+    tokens: Optional[Sequence[Any]] = None,
+    vmax: Optional[float] = None,
 ) -> Figure:
     """Draw every head of one layer in a grid, plus a panel with their mean.
 
@@ -357,6 +362,10 @@ def plot_heads(
     panels use one colour scale (min to max over every head) and one colorbar,
     so heads can be compared; otherwise each panel has its own colorbar.
     Works for any number of heads, including one (head + mean panel).
+    ``tokens`` (one string per position) label the query axis of the left
+    column and the key axis of the bottom row (every k-th token when there
+    are too many to read); without them the outer axes say query and key.
+    ``vmax`` fixes the top of the shared scale (e.g. to compare layers).
 
     >>> import numpy as np
     >>> fig = plot_heads(np.full((6, 3, 3), 1 / 3), ncols=4)
@@ -374,28 +383,53 @@ def plot_heads(
         raise VisualizerValueError("expected ncols as a positive int, got {!r}".format(ncols))
     ncols = min(int(ncols), len(panels))
     nrows = int(math.ceil(len(panels) / ncols))
+    n_keys, n_queries = arr.shape[-1], arr.shape[-2]
+    if tokens is not None:
+        if isinstance(tokens, str) or len(tokens) != n_keys or n_keys != n_queries:
+            raise VisualizerValueError(
+                "tokens must hold one string per position ({} for attention of shape {}), "
+                "got {}".format(n_keys, tuple(arr.shape),
+                                "one string" if isinstance(tokens, str) else len(tokens)))
+        tokens = [str(t) for t in tokens]
+        panel_size = max(panel_size, min(5.0, 0.09 * n_keys + 1.2))
     fig = _new_figure((panel_size * ncols + (1.0 if shared_scale else 0.0), panel_size * nrows + 0.4))
     # squeeze=False keeps a 2-D array of axes even for one row or one column.
     axes = fig.subplots(nrows, ncols, squeeze=False)
     flat = list(axes.ravel())
     if shared_scale:
-        vmin, vmax = float(arr.min()), float(arr.max())
+        vmin = float(arr.min())
+        vmax = float(arr.max()) if vmax is None else float(vmax)
     used = []
     im = None
-    for ax, (data, label) in zip(flat, panels):
+    step = max(1, int(math.ceil(n_keys / 40.0)))
+    fontsize = float(np.clip(0.75 * panel_size * 72.0 / (n_keys / step), 3.0, 8.0))
+    for index, (ax, (data, label)) in enumerate(zip(flat, panels)):
         if shared_scale:
             im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
         else:
             im = ax.imshow(data, cmap=cmap, interpolation="nearest")
-            fig.colorbar(im, ax=ax, shrink=0.8)
+            fig.colorbar(im, ax=ax, shrink=0.8).set_label("attention weight")
         ax.set_title(label, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
+        left = index % ncols == 0
+        bottom = index + ncols >= len(panels)
+        if tokens is not None and left:
+            ax.set_yticks(np.arange(0, n_queries, step))
+            ax.set_yticklabels(tokens[::step], fontsize=fontsize)
+        if tokens is not None and bottom:
+            ax.set_xticks(np.arange(0, n_keys, step))
+            ax.set_xticklabels(tokens[::step], fontsize=fontsize, rotation=90)
+        if left:
+            ax.set_ylabel("query", fontsize=8)
+        if bottom:
+            ax.set_xlabel("key", fontsize=8)
         used.append(ax)
     for ax in flat[len(panels):]:
         ax.set_visible(False)
     if shared_scale:
-        fig.colorbar(im, ax=used, shrink=0.8)
+        fig.colorbar(im, ax=used, shrink=0.8).set_label(
+            "attention weight (one scale for every panel)")
     if title is not None:
         fig.suptitle(title)
     return fig
@@ -618,6 +652,20 @@ def _patch_box(r, c, grid, img_shape):
     return c * pw - 0.5, r * ph - 0.5, pw, ph
 
 
+def _patch_ticks(ax, grid, img_shape):
+    """Name the rows and columns of the patch grid on the axes (every k-th when many)."""
+    rows, cols = grid
+    ph, pw = img_shape[0] / rows, img_shape[1] / cols
+    every = max(1, int(math.ceil(max(rows, cols) / 16.0)))
+    ax.set_xticks([(c + 0.5) * pw - 0.5 for c in range(0, cols, every)])
+    ax.set_xticklabels([str(c) for c in range(0, cols, every)], fontsize=7)
+    ax.set_yticks([(r + 0.5) * ph - 0.5 for r in range(0, rows, every)])
+    ax.set_yticklabels([str(r) for r in range(0, rows, every)], fontsize=7)
+    ax.tick_params(length=2, pad=1)
+    ax.set_xlabel("patch column", fontsize=8)
+    ax.set_ylabel("patch row", fontsize=8)
+
+
 def _query_row(attn2d, query, grid, prefix):
     """Return ``(weights over patches, label, (row, col) or None)`` for one query."""
     if query is None or (isinstance(query, str) and query.lower() == "cls"):
@@ -651,8 +699,7 @@ def _overlay(fig, ax, img, weights, grid, query_rc, title, cmap, alpha, upsample
     if query_rc is not None:
         x0, y0, w, h = _patch_box(query_rc[0], query_rc[1], grid, img.shape)
         ax.add_patch(Rectangle((x0, y0), w, h, fill=False, edgecolor=mark_color, linewidth=2.0))
-    ax.set_xticks([])
-    ax.set_yticks([])
+    _patch_ticks(ax, grid, img.shape)
     ax.set_title(title)
     if colorbar:
         cb = fig.colorbar(im, ax=ax, shrink=0.85)
@@ -775,6 +822,7 @@ def plot_token_attention(
     cmap: str = "viridis",
     title: Optional[str] = None,
     ax: Any = None,
+    vmax: Optional[float] = None,
 ) -> Figure:
     """Draw a token-to-token attention heatmap with the tokens as labels on both axes.
 
@@ -783,6 +831,8 @@ def plot_token_attention(
     shrinks with the number of tokens (``fontsize`` overrides it); beyond
     ``max_tokens`` only the first ``max_tokens`` queries and keys are drawn,
     not renormalised, and the title says so (``max_tokens=None`` draws all).
+    The colour scale runs from 0 to ``vmax`` (default: the map's maximum); pass
+    one ``vmax`` to every layer's figure to compare them.
 
     >>> import numpy as np
     >>> fig = plot_token_attention(np.full((2, 3, 3), 1 / 3), ["[CLS]", "hi", "[SEP]"])
@@ -818,7 +868,8 @@ def plot_token_attention(
         # about 70% of the height of one row, in points, between 3 and 10
         fontsize = float(np.clip(0.7 * (side - 1.5) * 72.0 / shown, 3.0, 10.0))
     fig, ax = _figure_and_axes(ax, (side + 1.2, side))
-    im = ax.imshow(data, cmap=cmap, interpolation="nearest", aspect="equal")
+    im = ax.imshow(data, cmap=cmap, interpolation="nearest", aspect="equal", vmin=0.0,
+                   vmax=float(data.max()) if vmax is None else float(vmax))
     ax.set_xticks(np.arange(shown))
     ax.set_yticks(np.arange(shown))
     ax.set_xticklabels(tokens, rotation=90, fontsize=fontsize)
@@ -830,7 +881,8 @@ def plot_token_attention(
     if shown < n:
         title += "\n(first {} of {} tokens shown; raise max_tokens to see all)".format(shown, n)
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.colorbar(im, ax=ax, shrink=0.8).set_label(
+        "attention weight" + ("" if vmax is None else " (scale shared with other figures)"))
     return fig
 
 

@@ -19,9 +19,11 @@ of each modeling module.  So:
   on a default (sdpa) model: that function never runs, so the seam hands it
   the kernel's probabilities, from the calls whose attention module's class
   is defined in that modeling module.
-* transformers 4.x: the SDPA classes call the kernel themselves (captured
-  there); the eager ``<Family>SelfAttention.forward`` keeps
-  ``attention_probs``.
+* modeling modules without ``eager_attention_forward`` (transformers 4.x,
+  and 5.x models that compute attention in their own methods, such as BLOOM
+  and XLNet): each attention class's methods are watched for the local they
+  store a softmax into (``attention_probs``, ``attn_prob``), under the
+  method's qualname; 4.x SDPA classes call the kernel themselves.
 """
 import sys
 
@@ -66,14 +68,22 @@ def watch_modeling_module(get_local, module):
         watched.append(get_local._watch(eager, ("attn_weights",), source="module",
                                         explicit=False, attention=True))
         return watched
-    # 4.x: the eager class keeps ``attention_probs``; its SDPA sibling calls the kernel.
-    prefix = module.__name__.rsplit("_", 1)[-1]
+    # No module-level eager function (transformers 4.x, and 5.x models that
+    # compute attention in their own methods: BLOOM, XLNet, ...): watch the
+    # local each attention class's methods store a softmax into.
+    from .._rewrite import softmax_outputs
+
     for cls in _classes_of(module):
-        forward = vars(cls).get("forward")
-        if cls.__name__.lower() == prefix + "selfattention" and \
-                "attention_probs" in getattr(getattr(forward, "__code__", None), "co_varnames", ()):
-            watched.append(get_local._watch(forward, ("attention_probs",), explicit=False,
-                                            attention=True))
+        if "attention" not in cls.__name__.lower() and "attn" not in cls.__name__.lower():
+            continue
+        for function in vars(cls).values():
+            code = getattr(function, "__code__", None)
+            if code is None or not callable(function):
+                continue
+            names = softmax_outputs(code)
+            if names:
+                watched.append(get_local._watch(function, (names[0],), explicit=False,
+                                                attention=True))
     return watched
 
 

@@ -36,8 +36,6 @@ NO_ATTENTION = {("timm", "coat_lite_tiny"): "factorized (linear) attention: soft
 # softmax (no scaled_dot_product_attention call for the kernel seam, no eager function
 # of transformers); each needs a watch of the function that computes it.
 KNOWN_MISSES = {
-    ("transformers", "xlnet"): "relative attention in XLNetRelativeAttention.rel_attn_core, eager only",
-    ("transformers", "deberta-v2"): "disentangled attention in DisentangledSelfAttention.forward, eager only",
     ("timm", "swinv2_cr_tiny_ns_224"): "cosine attention in swin_transformer_v2_cr WindowMultiHeadAttention.forward",
     ("timm", "cait_xxs24_224"): "talking-heads attention in cait TalkingHeadAttn.forward (class attention is captured)",
     ("timm", "xcit_nano_12_p16_224"): "cross-covariance attention in xcit XCA.forward (class attention is captured)",

@@ -74,11 +74,15 @@ def sweep(library, only=None, jobs=1, memory_gb=6.0, timeout=180.0, quiet=True, 
     module = _library(library)
     names = module.model_types() if library == "transformers" else module.model_names()
     if only:
-        unknown = [n for n in only if n not in names]
-        if unknown and library == "transformers":
-            raise SystemExit("python -m benchmarks.coverage: error: unknown {} architecture(s): {}".format(
-                library, ", ".join(unknown)))
-        names = [n for n in only if n in names or library == "timm"]
+        known = set(names)
+        if library == "timm":  # any timm model may be named, with attention or not
+            import timm
+
+            known.update(timm.list_models())
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            raise ValueError("unknown {} architecture(s): {}".format(library, ", ".join(unknown)))
+        names = list(only)
     started = time.monotonic()
     width = len(str(len(names)))
 
@@ -129,7 +133,11 @@ def main(argv=None):
         outcome = sweep_isolated(library, only, jobs=args.jobs, memory_gb=args.memory_gb,
                                  timeout=args.timeout, quiet=not args.verbose)
         if "results" not in outcome:
-            _log("{} sweep failed: {}".format(library, outcome.get("reason")))
+            reason = outcome.get("reason", "")
+            if "unknown" in reason and "architecture" in reason:
+                _log("python -m benchmarks.coverage: error: " + reason.split("ValueError: ", 1)[-1])
+                return 2
+            _log("{} sweep failed: {}".format(library, reason))
             return 1
         sections.append(outcome)
     if args.json:

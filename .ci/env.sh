@@ -6,16 +6,32 @@ VENVS="${VISUALIZER_VENVS:-$HOME/.cache/visualizer-venvs}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 mkdir -p "$VENVS"
 
-# python_for VERSION: the interpreter of that minor version (pyenv first, then PATH).
+# python_for VERSION: the interpreter of that minor version: pyenv's first, then one on
+# PATH, then one that shared/tools/python-next.sh provisions (native builds from Debian's
+# newest suite, kept under $VENVS/pythons) when that script sits beside the clone.  So the
+# same CI works where these Pythons come some other way.
+SHARED_TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/shared/tools"
 python_for() {
-    local v="$1" root
+    local v="$1" root found
     root="$(pyenv root 2>/dev/null || true)"
     if [ -n "$root" ]; then
-        local found
         found="$(ls -d "$root"/versions/"$v".*/bin/python 2>/dev/null | sort -V | tail -n 1)"
         if [ -n "$found" ]; then echo "$found"; return 0; fi
     fi
-    command -v "python$v" || return 1
+    if command -v "python$v" >/dev/null; then command -v "python$v"; return 0; fi
+    local next="$SHARED_TOOLS/python-next.sh"
+    [ -f "$next" ] || return 1
+    local log="$VENVS/pythons/provision.log"
+    mkdir -p "$VENVS/pythons"
+    # Always the whole set: the script replaces its folder with the versions it is asked for.
+    local want=" 3.14 3.15 "
+    case "$want" in *" $v "*) ;; *) want="$want$v " ;; esac
+    # Quiet when it works (instant once provisioned); its log when it does not.
+    found="$(bash "$next" "$VENVS/pythons" $want 2>"$log" | grep "/python$v\$")"
+    if [ -n "$found" ] && [ -x "$found" ]; then echo "$found"; return 0; fi
+    echo "python-next.sh could not provision Python $v:" >&2
+    tail -n 20 "$log" >&2
+    return 1
 }
 
 # ensure_venv NAME PYTHON REQUIREMENTS_FILE: print the venv's path after making it if needed.
@@ -31,7 +47,8 @@ ensure_venv() {
     rm -rf "$dir"
     "$python" -m venv "$dir" >&2
     "$dir/bin/python" -m pip install -q --upgrade pip >&2 2>/dev/null || true
-    "$dir/bin/python" -m pip install -q -r "$reqs" >&2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    "$dir/bin/python" -m pip install -q -r "$reqs" >&2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) \
+        || { echo "setting up $name failed" >&2; return 1; }
     echo "$want" > "$dir/.stamp"
     echo "$dir"
 }
@@ -48,7 +65,8 @@ ensure_target() {
     fi
     echo "setting up $name (once; later runs reuse it) ..." >&2
     rm -rf "$dir"
-    "$pip" install -q --no-deps --target "$dir" -r "$reqs" >&2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    "$pip" install -q --no-deps --target "$dir" -r "$reqs" >&2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) \
+        || { echo "setting up $name failed" >&2; return 1; }
     echo "$want" > "$dir/.stamp"
     echo "$dir"
 }

@@ -14,9 +14,10 @@ ANYCAPTURE_INSTALL = ("python -m pip install --no-deps --target {} anycapture==0
 
 
 def setup_torch(threads=THREADS):
-    """Import torch with a fixed number of threads and offline Hugging Face."""
+    """Import torch with a fixed number of threads and offline, quiet Hugging Face."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no bar per model load
     import torch
 
     torch.set_num_threads(threads)
@@ -137,7 +138,8 @@ def describe_machine(anycapture_dir):
         except Exception:
             versions.append(name + " missing")
     any_version = anycapture_version(anycapture_dir)
-    versions.append("anycapture " + (any_version or "not installed"))
+    if any_version:  # when it is not, the header says so once, with the command to fix it
+        versions.append("anycapture " + any_version)
     return [
         "date: " + time.strftime("%Y-%m-%d %H:%M %Z"),
         "load average at start: " + load_average(),
@@ -156,6 +158,7 @@ def child_env():
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env["OMP_NUM_THREADS"] = str(THREADS)
     return env
 

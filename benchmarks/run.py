@@ -33,18 +33,27 @@ FULL = {
     "compiled_rounds": 30,
     "compiled_warmup": 2,
     "compile_backend": "inductor",
+    "long_tokens": 8192,
+    "long_batches": 6,
+    "gen_batch": 1,
+    "gen_prompt": 64,
+    "gen_new": 64,
+    "gen_rounds": 10,
+    "gen_memory_prompt": 2048,
 }
 
 QUICK = dict(FULL, batch=2, vit_kwargs={"depth": 2, "img_size": 32}, warmup=1,
              vit_s_rounds=2, vit_b_rounds=2, bert_tokens=16, bert_rounds=2,
              percall_number=2000, percall_rounds=2, decorate_n=4, decorate_rounds=1,
              memory_batch=2, import_rounds=1, parallel_children=4, compiled_rounds=2,
-             compiled_warmup=1, compile_backend="eager")
+             compiled_warmup=1, compile_backend="eager", long_tokens=512, long_batches=3,
+             gen_prompt=8, gen_new=6, gen_rounds=2, gen_memory_prompt=32)
 
 # The same code as vit_s at tiny sizes; --quick leaves it out to stay fast.
 QUICK_SKIPS = {"vit_b"}
 
-SECTIONS = ["percall", "decorate", "vit_s", "vit_b", "bert", "compiled", "memory", "imports"]
+SECTIONS = ["percall", "decorate", "vit_s", "vit_b", "bert", "compiled", "memory", "imports",
+            "longcontext", "generation"]
 
 
 def _log(message):
@@ -98,7 +107,7 @@ def main(argv=None):
         if args.require_anycapture:
             failed.append("anycapture")
 
-    from . import bert, compiled, imports, memory, percall, vit
+    from . import bert, compiled, generation, imports, longcontext, memory, percall, vit
 
     size = "quick (tiny sizes, numbers meaningless)" if args.quick else "full"
     header.append("sizes: {}; batch {}".format(size, cfg["batch"]))
@@ -125,6 +134,10 @@ def main(argv=None):
         "ViT-B/16" if not args.quick else "tiny ViT", cfg["memory_batch"]),
         memory.run, cfg, notes)
     section("imports", "Import time of timm, presets on vs off", imports.run, cfg, notes)
+    section("longcontext", "Long context: tiny Llama at {} tokens, peak memory".format(
+        cfg["long_tokens"]), longcontext.run, cfg, notes)
+    section("generation", "generate() of {} new tokens, tiny random Llama (GQA), CPU".format(
+        cfg["gen_new"]), generation.run, cfg, notes)
 
     targets = _targets(summaries, cfg)
     if targets:
@@ -217,6 +230,21 @@ def _targets(s, cfg):
                      _ratio(c["gl_vs_fused"]), ""])
         rows.append(["ViT-S/16 compiled, capture x compiled fused_attn=False (no target)",
                      _ratio(c["gl_vs_unfused"]), ""])
+    lc = s.get("longcontext")
+    if lc:
+        rows.append(["{} tokens: queries=-1 peak <= 1.05 x the forward without capture".format(
+            lc["tokens"]), "{:.3f}".format(lc["last_vs_plain"]),
+            "met" if lc["last_vs_plain"] <= 1.05 else "MISSED"])
+        rows.append(["streaming: peak after {} batches <= 1.05 x after the first (flat)".format(
+            lc["batches"]), "{:.3f} (in memory: {:.2f})".format(
+                lc["stream_n_vs_1"], lc["memory_n_vs_1"]),
+            "met" if lc["stream_n_vs_1"] <= 1.05 else "MISSED"])
+    g = s.get("generation")
+    if g and g.get("seam"):
+        rows.append(["generate, capture of the new rows <= 1.10 x no capture",
+                     _ratio(g["rows_vs_sdpa"]), _verdict(*g["rows_vs_sdpa"], target=1.10)])
+        rows.append(["generate, capture of full maps, x no capture (no target)",
+                     _ratio(g["full_vs_sdpa"]), ""])
     if not rows:
         return ""
     return markdown(["target", "this run (median of per-round ratios)", "verdict"], rows)

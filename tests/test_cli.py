@@ -322,7 +322,7 @@ def test_plot_without_matplotlib_says_what_to_install(project, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_clean_error(cli("plot", "caps.npz", "--out", "o", cwd=tmp_path),
                        "plot needs matplotlib, which is not installed: "
-                       "pip install 'visualizer[plot]'")
+                       "pip install 'visualizer-attention[plot]'")
 
 
 def test_plot_damaged_cache(project, tmp_path):
@@ -381,9 +381,9 @@ def test_demo_without_the_model_libraries_says_what_to_install(monkeypatch, caps
     err = capsys.readouterr().err
     assert err == ("visualizer: error: demo needs torch and timm for the ViT part or torch and "
                    "transformers for the BERT part, which are not installed: pip install "
-                   "'visualizer[timm]' 'visualizer[transformers]'\n")
+                   "'visualizer-attention[timm]' 'visualizer-attention[transformers]'\n")
     assert cli_module.main(["demo", "--only", "vit", "--out", "never"]) == 2
-    assert "pip install 'visualizer[timm]'\n" in capsys.readouterr().err
+    assert "pip install 'visualizer-attention[timm]'\n" in capsys.readouterr().err
 
 
 def test_demo_writes_the_figures(tmp_path):

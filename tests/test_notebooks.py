@@ -21,7 +21,8 @@ CELL_TIMEOUT = 600  # seconds; the first import of torch on a cold disk is slow
 def test_there_are_notebooks():
     names = [os.path.basename(p) for p in NOTEBOOKS]
     assert len(names) >= 2, names
-    assert {"vit_attention.ipynb", "bert_attention.ipynb"} <= set(names)
+    assert {"vit_attention.ipynb", "bert_attention.ipynb",
+            "generation_attention.ipynb"} <= set(names)
 
 
 def code_cells(nb):
@@ -44,9 +45,10 @@ def test_notebook_is_committed_clean(path):
         assert cell.outputs == [] and cell.execution_count is None, \
             "{}: clear the outputs before committing (cell {!r})".format(path, cell.get("id"))
     setup = code_cells(nb)[0].source
-    # Installs on Colab only, from one REPO variable; falls back to the checkout.
+    # Installs on Colab only, from the wheel built in a clone (no URL); else the checkout.
     assert "ON_COLAB = \"google.colab\" in sys.modules" in setup
-    assert "if ON_COLAB:\n    %pip install" in setup and "git+{REPO}" in setup
+    assert "if ON_COLAB:\n" in setup and "%pip install -q \"{WHEEL}[" in setup
+    assert "git+" not in setup and "http" not in setup
     assert "sys.path.insert(0, os.path.abspath(\"..\"))" in setup
 
 

@@ -108,7 +108,7 @@ def attention_key(transformers, family):
                "distilbert": "DistilBertSelfAttention", "vit": "ViTAttention"}
     if transformers_4(transformers):
         classes.update(bert="BertSdpaSelfAttention", roberta="RobertaSdpaSelfAttention",
-                       vit="ViTSdpaSelfAttention")
+                       vit="ViTSelfAttention")
     return classes[family] + ".forward"
 
 

@@ -8,7 +8,7 @@ import contextlib
 import types
 import weakref
 
-from . import _resolve, _rewrite, _store
+from . import _resolve, _rewrite, _store, _stream
 from ._errors import VisualizerTypeError, VisualizerValueError
 from ._state import State
 
@@ -39,6 +39,7 @@ class GetLocal:
 
     def __init__(self):
         self._state = State()
+        self._in_memory = None  # the in-memory cache while configure(stream=...) is on
         # When this object goes, capture stops and the state lets go of its code.
         weakref.finalize(self, self._state.close)
 
@@ -224,7 +225,7 @@ class GetLocal:
         return self._state.events
 
     def configure(self, store="numpy", transform=None, keep_last=None, queries=None,
-                  heads=None):
+                  heads=None, reduce=None, stream=None):
         """Choose how captures are stored from now on; return the previous settings.
 
         ``store``: ``'numpy'`` (default: torch tensors become detached CPU
@@ -239,20 +240,45 @@ class GetLocal:
         maps, ``(batch, heads, queries, keys)``; the kernel seam computes only
         them (``queries=-1``: the last token's row, ``queries=0``: ViT's CLS
         row), the presets' eager captures are sliced.  An int keeps its axis.
+        ``reduce`` keeps a reduction of each attention map instead of the map,
+        computed at the kernel a block of query rows at a time, so the full
+        ``(batch, heads, queries, keys)`` matrix never exists:
+        ``'head_mean'`` (mean over heads: ``(batch, queries, keys)``),
+        ``'received'`` (attention each key receives, summed over the query
+        rows: ``(batch, heads, keys)``) or ``'rollout'`` (attention rollout
+        through this layer, Abnar & Zuidema 2020: ``(batch, queries, keys)``;
+        the last layer's value is the model's rollout).  ``queries`` and
+        ``heads`` apply first (for ``'rollout'``, ``queries`` picks rows of the
+        result).  ``stream``: a folder to write every capture into as it
+        happens (``get_local.cache`` then reads from it; configuring without
+        ``stream`` closes it and brings the in-memory cache back); see
+        ``capture``.  See the README's "Long contexts" section.
 
         >>> get_local.configure(transform=lambda attn: attn[:, :, 0], keep_last=12)
         {'store': 'numpy', 'transform': None, 'keep_last': None, 'queries': None, 'heads': None}
         """
-        storage = _store.Storage(store, transform, keep_last, queries, heads)
-        with self._state.lock:
-            previous = self._state.storage
-            self._state.storage = storage
-            self._state.refresh()
+        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream)
+        state = self._state
+        with state.lock:
+            previous = state.storage
+            if stream is not None:
+                streamed = _stream.open_writer(stream)
+                if previous.stream is None:
+                    self._in_memory = state.cache
+            if previous.stream is not None and getattr(state.cache, "close", None):
+                state.cache.close()
+                if stream is None:
+                    state.cache = self._in_memory
+                    self._in_memory = None
+            if stream is not None:
+                state.cache = streamed
+            state.storage = storage
+            state.refresh()
         return previous.as_dict()
 
     @contextlib.contextmanager
     def capture(self, store="numpy", transform=None, keep_last=None, queries=None,
-                heads=None):
+                heads=None, reduce=None, stream=None):
         """Capture into a fresh cache for the duration of a ``with`` block.
 
         Activates capture and applies the storage settings (as in
@@ -263,17 +289,30 @@ class GetLocal:
         it: attention kernels that ran with nothing capturing them, and
         watched functions that recorded nothing.
 
+        ``stream='run.vz'`` writes each capture to that folder as it happens
+        (one ``.npy`` file per value and an append-only index; under
+        ``torch.distributed`` one index per rank) and keeps none in memory:
+        the yielded cache reads them back lazily, each value a read-only
+        memory map, and ``get_local.load('run.vz')`` reads the folder, even
+        while it is being written.  A folder that holds a stream is appended
+        to.
+
         >>> with get_local.capture(transform=lambda attn: attn.mean(1)) as cache:
         ...     model(x)
         >>> cache['Attention.forward']
         >>> with get_local.capture(queries=-1) as cache:   # the last token's row only
         ...     model.generate(**inputs, max_new_tokens=8)
+        >>> with get_local.capture(reduce='rollout', queries=0) as cache:  # CLS rollout
+        ...     model(x)
+        >>> with get_local.capture(stream='run.vz') as cache:   # on disk, RAM stays flat
+        ...     for batch in loader: model(batch)
         """
-        storage = _store.Storage(store, transform, keep_last, queries, heads)
+        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream)
         state = self._state
+        scoped = _stream.open_writer(stream) if stream is not None else _store.Cache()
         with state.lock:
             saved = (state.active, state.cache, state.storage, state.kernel_missed)
-            scoped = state.cache = _store.Cache()
+            state.cache = scoped
             state.storage = storage
             state.kernel_missed = {}
             state.set_active(True)
@@ -286,6 +325,8 @@ class GetLocal:
                 missed = state.kernel_missed
                 active, state.cache, state.storage, state.kernel_missed = saved
                 state.set_active(active)
+            if stream is not None:
+                scoped.close()
             if not failed:
                 state.report_silent(scoped, missed)
 
@@ -335,22 +376,34 @@ class GetLocal:
         """Save ``cache`` (default: ``get_local.cache``) to one ``.npz`` file, without pickle.
 
         Keys and the order of values are kept.  Values must be NumPy arrays or
-        numbers (the default storage makes tensors into arrays).
+        numbers (the default storage makes tensors into arrays).  Under
+        ``torch.distributed`` (``torchrun``: ``RANK``/``WORLD_SIZE`` set, or a
+        process group initialised) each rank writes ``attention.rank<r>.npz``
+        and ``attention.npz`` becomes a small manifest of the ranks, so no
+        rank overwrites another's.  Returns the path written.
 
         >>> get_local.save('attention.npz')
+        'attention.npz'
         """
-        from ._files import save_cache
+        from . import _ranks
 
-        save_cache(self._state.cache if cache is None else cache, path)
+        return _ranks.save(self._state.cache if cache is None else cache, path)
 
-    def load(self, path):
-        """Load a file written by ``save`` and return its cache (a dict of lists).
+    def load(self, path, rank=None):
+        """Load what ``save`` or a stream wrote and return its cache (a dict of lists).
+
+        ``path`` is an ``.npz`` file, the manifest of a run under
+        ``torch.distributed`` (every rank's captures merged: each list holds
+        rank 0's calls, then rank 1's, ...; a rank that saved nothing is
+        named in a warning) or a stream folder (values read lazily, as
+        read-only memory maps).  ``rank=r`` loads only process ``r``'s.
 
         >>> cache = get_local.load('attention.npz')
+        >>> first = get_local.load('attention.npz', rank=0)
         """
-        from ._files import load_cache
+        from . import _ranks
 
-        return load_cache(path)
+        return _ranks.load(path, rank)
 
     def __repr__(self):
         state = "active" if self.active else "inactive"

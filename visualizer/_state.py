@@ -15,6 +15,40 @@ constants: TorchDynamo cannot trace code whose constants hold functions (see
 ``_torch``).  A name is bound while its code object lives, so a call still
 running old code after a rewrite still finds the recorder it was made for.
 
+Threads, with the GIL or without it (free-threaded CPython, PEP 703).  The
+design does not lean on the GIL for atomicity of our own steps; what protects
+what:
+
+* ``State.lock`` (an ``RLock``) serialises every change to what is captured
+  and how: ``targets`` and ``by_rewritten``, installing and removing code
+  (the ``__code__`` assignments), ``active`` and ``fast`` with the
+  ``switches`` they run (``set_active``, ``register``, ``unregister``,
+  ``add_switch``, ``remove_switch``, ``close``, ``dynamo_imported``), and the
+  swaps of ``cache`` and ``storage`` by ``GetLocal.configure`` and
+  ``GetLocal.capture``.  Re-entrant, because a switch or an import callback
+  may register while it is held.
+* ``State.store_lock`` (a ``Lock``) makes the appends of one call one step:
+  the values of a call's names, each with its source, land together, so the
+  lists of a multi-name capture and ``cache.sources`` stay aligned whichever
+  thread runs next.  It is held around the appends only, never while user
+  code (a transform, an event handler) runs.
+* Without a lock: the one-name, no-source fast path appends to one list
+  (``list.append``, and ``dict.setdefault`` for a new key), which is atomic
+  with the GIL and locks the object itself on a free-threaded build, so no
+  call is lost.  Recorders read ``active``, ``fast``, ``cache`` and
+  ``storage`` as single attribute reads of references that are only ever
+  replaced whole, under ``State.lock``: a call racing a switch stores into
+  the cache of one side of it, complete.  ``EventDispatcher`` keeps its
+  listeners in a tuple replaced whole, so ``dispatch`` walks a snapshot;
+  ``listen`` and ``remove`` themselves are not serialised (add handlers from
+  one thread at a time).
+* Kernel calls (``integrations.kernel``): the probabilities a kernel call
+  leaves for the frame of a captured function wait in ``State.stash_local``,
+  a ``threading.local``, so each thread sees only its own frames and no lock
+  is needed; ``seam_off`` replaces it whole.  ``kernel._lock`` guards the
+  seam's own tables (the states it serves, where torch's function was put).
+* ``_imports`` has its own lock for the callbacks that wait for an import.
+
 The code rewriting itself is the pure function ``_rewrite.rewrite``; the
 public face is ``_get_local.GetLocal``.
 """
@@ -186,6 +220,9 @@ def make_record_locals(target):
         try:
             missing = [n for n in target.names if n not in frame_locals]
             supplied = state.take_stash(sys._getframe(1)) if state.stashed else None
+            if supplied and not missing and target.attention and not target.explicit and \
+                    frame_locals[target.names[0]] is None:
+                missing = [target.names[0]]  # None on a fused path: the kernel supplies it
             if missing:
                 if state.active:
                     if supplied and len(missing) == 1:
@@ -196,8 +233,11 @@ def make_record_locals(target):
                         # design: the kernel seam captures that path.
                         target.warn_unbound(missing)
                 return
+            values = [frame_locals[n] for n in target.names]
+            if values[0] is None and target.attention and not target.explicit:
+                return  # a preset's variable on a fused path (see make_record)
             source = None if target.source is None else frame_locals.get(target.source)
-            state.capture(target, source, [frame_locals[n] for n in target.names])
+            state.capture(target, source, values)
         except Exception as exc:  # never let a capture break the user's function
             state.capture_failed(target, exc)
 
@@ -225,8 +265,24 @@ def make_record(state, target):
     weak = weakref.ref
     lock = state.store_lock
     failed = state.capture_failed
+    # A preset's attention variable holds None where a library's fused path
+    # sets it so (Falcon's ``attention_scores``): the kernel seam captures that
+    # call, so None is no capture.
+    skip_none = target.attention and not target.explicit
     if len(target.names) == 1:
         key = target.keys[0]
+        if skip_none:
+            def record(*args):  # (value) or (source, value)
+                try:
+                    source = args[0] if len(args) == 2 else None
+                    if args[-1] is not None:
+                        state.capture(target, source, args[-1:])
+                    elif state.stashed:  # None on a fused path: the kernel's calls supply it
+                        for probs in state.take_stash(sys._getframe(1)) or ():
+                            state.store(target, source, (probs,))
+                except Exception as exc:
+                    failed(target, exc)
+            return record
         if target.source is None:
             def record(value):
                 try:
@@ -351,10 +407,15 @@ class State:
         selection = (None, None) if target is not None and target.attention else (
             storage.queries, storage.heads)
         graph = storage.kind == "graph"
-        probs = call.probabilities(selection[0], selection[1], graph) if store else None
+        reduce = storage.reduce if target is None or not target.attention else None
+        if store and reduce is not None:  # computed in blocks of rows, never in full
+            probs = kernel.reduced(call, reduce, selection[0], selection[1], graph,
+                                   storage.running, source)
+        else:
+            probs = call.probabilities(selection[0], selection[1], graph) if store else None
         if listened:
             self.events.dispatch(QKVEvent(key, qualname, call.query, call.key, call.value, source))
-            if probs is not None and target is None:
+            if probs is not None and target is None and reduce is None:
                 compute = (lambda: probs)
             else:
                 def compute():
@@ -460,7 +521,7 @@ class State:
             return
         # Prepare every value before storing any, so a failing transform
         # leaves the lists of a multi-name capture aligned.
-        prepared = [storage.prepare(key, value, target.attention)
+        prepared = [storage.prepare(key, value, target.attention, source)
                     for key, value in zip(keys, values)]
         cache = self.cache
         ref = _store.source_ref(source) if target.source is not None else _store.NO_SOURCE
@@ -596,6 +657,11 @@ class State:
             saved = (target.names, target.keys, dict(target.overrides), target.rewritten)
             target.add_names(names)
             target.add_overrides(overrides)
+            explicit = target.explicit or (explicit and bool(names))
+            attention = target.attention or attention
+            if (explicit, attention) != (target.explicit, target.attention):
+                target.rewritten = None  # its recorders depend on both (see make_record)
+            target.explicit, target.attention = explicit, attention
             if self.active:
                 try:
                     target.rewritten_code()
@@ -604,8 +670,6 @@ class State:
                     raise
             if created:
                 self.targets[id(code)] = target
-            target.explicit = target.explicit or (explicit and bool(names))
-            target.attention = target.attention or attention
             for key in saved[1]:
                 if key not in target.keys and not self.cache.get(key, True):
                     del self.cache[key]

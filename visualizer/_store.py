@@ -100,9 +100,11 @@ _CONVERTERS = {"numpy": to_numpy, "tensor": _detached_copy, "graph": _as_is, "no
 class Storage:
     """One storage configuration: kind, transform and bound (immutable)."""
 
-    __slots__ = ("kind", "transform", "keep_last", "convert", "queries", "heads")
+    __slots__ = ("kind", "transform", "keep_last", "convert", "queries", "heads", "reduce",
+                 "stream", "running")
 
-    def __init__(self, kind="numpy", transform=None, keep_last=None, queries=None, heads=None):
+    def __init__(self, kind="numpy", transform=None, keep_last=None, queries=None, heads=None,
+                 reduce=None, stream=None):
         if kind not in KINDS:
             raise VisualizerValueError(
                 "store must be one of {}, got {!r}".format(", ".join(map(repr, KINDS)), kind))
@@ -125,22 +127,38 @@ class Storage:
         self.keep_last = keep_last
         self.queries = check_selection(queries, "queries")
         self.heads = check_selection(heads, "heads")
+        if reduce is not None and reduce not in REDUCTIONS:
+            raise VisualizerValueError(
+                "reduce must be None or one of {}, got {!r}".format(
+                    ", ".join(map(repr, REDUCTIONS)), reduce))
+        self.reduce = reduce
+        self.running = {} if reduce == "rollout" else None  # the rollout so far
+        if stream is not None:
+            check_stream(stream, kind, keep_last)
+        self.stream = stream
         self.convert = _CONVERTERS[kind]
 
     @property
     def is_default(self):
         """True for plain NumPy storage with no transform and no bound."""
         return (self.kind == "numpy" and self.transform is None and self.keep_last is None
-                and self.queries is None and self.heads is None)
+                and self.queries is None and self.heads is None and self.reduce is None
+                and self.stream is None)
 
-    def prepare(self, key, value, attention=False):
+    def prepare(self, key, value, attention=False, source=None):
         """Return the value to store for ``key`` (select, transform, then convert).
 
         ``attention``: the value is an attention map ``(..., heads, queries,
-        keys)`` computed in full, so ``queries`` and ``heads`` are picked here
-        (the kernel seam picks them before computing).
+        keys)`` computed in full, so ``queries``, ``heads`` and ``reduce`` are
+        applied here (the kernel seam applies them while computing); ``source``
+        is the module that computed it (the rollout's layer).
         """
-        if attention and (self.queries is not None or self.heads is not None):
+        if attention and self.reduce is not None and getattr(value, "ndim", 0) >= 2:
+            from .integrations.kernel import reduce_map
+
+            value = reduce_map(value, self.reduce, self.queries, self.heads, self.running,
+                               source)
+        elif attention and (self.queries is not None or self.heads is not None):
             value = select(value, self.queries, self.heads)
         transform = self.transform
         if transform is not None:
@@ -153,13 +171,41 @@ class Storage:
         return self.convert(value)
 
     def as_dict(self):
-        return {"store": self.kind, "transform": self.transform, "keep_last": self.keep_last,
-                "queries": self.queries, "heads": self.heads}
+        """The settings as ``configure``'s keywords (``reduce``, ``stream`` only when set)."""
+        settings = {"store": self.kind, "transform": self.transform,
+                    "keep_last": self.keep_last, "queries": self.queries, "heads": self.heads}
+        if self.reduce is not None:
+            settings["reduce"] = self.reduce
+        if self.stream is not None:
+            settings["stream"] = self.stream
+        return settings
 
     def __repr__(self):
         return ("Storage(store={!r}, transform={!r}, keep_last={!r}, queries={!r}, "
-                "heads={!r})").format(self.kind, self.transform, self.keep_last, self.queries,
-                                      self.heads)
+                "heads={!r}, reduce={!r}, stream={!r})").format(
+                    self.kind, self.transform, self.keep_last, self.queries, self.heads,
+                    self.reduce, self.stream)
+
+
+REDUCTIONS = ("head_mean", "received", "rollout")  # as integrations.kernel.REDUCTIONS
+
+
+def check_stream(stream, kind, keep_last):
+    """Check a ``stream=`` option: a folder path, with NumPy storage and no ``keep_last``."""
+    import os
+
+    if not isinstance(stream, (str, os.PathLike)):
+        raise VisualizerTypeError(
+            "stream must be the path of a folder to write captures into (str or "
+            "os.PathLike), got {} {!r}".format(type(stream).__name__, stream))
+    if kind != "numpy":
+        raise VisualizerValueError(
+            "stream={!r} writes NumPy arrays to disk; it cannot be combined with "
+            "store={!r} (use the default store='numpy')".format(stream, kind))
+    if keep_last is not None:
+        raise VisualizerValueError(
+            "stream={!r} keeps every capture on disk and none in memory, so keep_last={!r} "
+            "has nothing to bound; drop one of them".format(stream, keep_last))
 
 
 def check_selection(selection, what):

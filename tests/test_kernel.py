@@ -405,3 +405,29 @@ def test_decoding_steps_with_packed_grouped_query_heads(seam):
             np.testing.assert_allclose(got[1, :, 2:], want[1, :, 2:], rtol=1e-5, atol=1e-5)
             got, want = got[:1], want[:1]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript_and_fx_see_the_kernel_through_the_seam(seam):
+    """torch.jit.script compiles the seam as the kernel's operator; torch.fx traces through it.
+
+    Both graphs then call torch's kernel itself, no Python: nothing to capture there.
+    """
+    torch = require("torch")
+    F = torch.nn.functional
+
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    module = Causal()
+    q = torch.randn(1, 2, 3, 4)
+    expected = module(q, q, q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureWarning)  # no failed capture on fx's proxies
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        with seam.capture() as cache:
+            scripted = torch.jit.script(module)
+            traced = torch.fx.symbolic_trace(module)
+            assert torch.equal(scripted(q, q, q), expected)
+            assert torch.equal(traced(q, q, q), expected)
+    assert not cache

@@ -232,10 +232,29 @@ def _patch():
         return
     if _original is None:
         _original = current
+        _script_as_the_kernel()
     _scan()
     for namespace, name in _holders:
         if namespace.get(name) is _original:
             namespace[name] = scaled_dot_product_attention
+
+
+def _script_as_the_kernel():
+    """Make TorchScript compile a call of the seam as the kernel's own operator.
+
+    ``torch.jit.script`` resolves ``F.scaled_dot_product_attention`` when it
+    compiles a model; meeting the seam (a Python function taking ``*args``) it
+    would fail.  Registered like torch's own function, the scripted model calls
+    ``aten::scaled_dot_product_attention`` and captures nothing, as TorchScript
+    never runs Python (``_torch.JitGuard`` says so).
+    """
+    builtins = sys.modules.get("torch.jit._builtins")
+    register = getattr(builtins, "_register_builtin", None)
+    if register is not None:
+        try:
+            register(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
+        except Exception:  # pragma: no cover - a torch whose jit tables changed
+            pass
 
 
 def _unpatch():
@@ -291,12 +310,16 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
     out = _original(query, key, value, *args, **kwargs)
     if _compiling():
         return out
-    if len(_states):
+    if len(_states) and isinstance(out, _tensor_type()):  # not while torch.fx traces (Proxy)
         try:
             _seen(sys._getframe(1), Call(query, key, value, *args, **kwargs))
         except Exception as exc:  # a capture must never break the model
             _report(exc)
     return out
+
+
+def _tensor_type():
+    return sys.modules["torch"].Tensor
 
 
 def _compiling():

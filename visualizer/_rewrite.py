@@ -89,7 +89,7 @@ def softmax_outputs(code):
         arg = instr.arg
         loaded = arg[-1] if isinstance(arg, tuple) and arg and isinstance(arg[-1], str) else arg
         if instr.name.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL")) and \
-                loaded == "softmax":
+                isinstance(loaded, str) and loaded.lower() == "softmax":  # nn.Softmax too
             pending = True
         elif pending and instr.name in ("STORE_FAST", "STORE_DEREF"):
             target = arg.name if isinstance(arg, (CellVar, FreeVar)) else arg

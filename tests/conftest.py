@@ -40,6 +40,18 @@ def gl():
 
 
 @pytest.fixture
+def seam(gl):
+    """A fresh get_local with every attention preset watched (the kernel seam on).
+
+    Inactive until a test captures (``seam.capture()``); the presets are undone afterwards.
+    """
+    gl.deactivate()
+    gl.watch_attention()
+    yield gl
+    gl.unwatch_attention()
+
+
+@pytest.fixture
 def no_warnings():
     """Fail the test if it emits any warning."""
     with warnings.catch_warnings():

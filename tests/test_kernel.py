@@ -16,15 +16,6 @@ from conftest import require
 from visualizer import CaptureWarning
 
 
-@pytest.fixture
-def seam(gl):
-    """A get_local with every preset watched (the seam on), inactive until captured."""
-    gl.deactivate()
-    gl.watch_attention()
-    yield gl
-    gl.unwatch_attention()
-
-
 def reference_probabilities(torch, q, k, mask=None, causal=False, scale=None):
     """softmax(q kᵀ·scale + mask), written out as the formula, head by head."""
     L, S = q.shape[-2], k.shape[-2]

@@ -20,12 +20,9 @@ from visualizer import CaptureWarning
 
 
 @pytest.fixture
-def presets(gl):
+def presets(seam):
     """A get_local with every preset watched, inactive: tests capture with ``capture()``."""
-    gl.deactivate()
-    gl.watch_attention()
-    yield gl
-    gl.unwatch_attention()
+    return seam
 
 
 def fused_modules(model):

@@ -14,14 +14,6 @@ from visualizer import VisualizerError
 from visualizer.integrations import kernel
 
 
-@pytest.fixture
-def seam(gl):
-    gl.deactivate()
-    gl.watch_attention()
-    yield gl
-    gl.unwatch_attention()
-
-
 def softmax_reference(torch, q, k, mask=None, causal=False):
     """softmax(q kᵀ/√d + mask), in float64, heads of k repeated for grouped queries."""
     if k.shape[-3] != q.shape[-3]:

@@ -536,3 +536,115 @@ def test_softmax_outputs_names_where_eager_attention_keeps_its_probabilities():
     assert softmax_outputs(method_style.__code__) == ["probs"]
     assert softmax_outputs(functional_style.__code__) == ["weights"]
     assert softmax_outputs(no_softmax.__code__) == []
+
+
+class _Probs:
+    """A value with a ``softmax`` method, so the tests need no torch."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def softmax(self, dim=-1):
+        return _Probs(("softmax", self.value))
+
+    def mix(self):
+        return _Probs(("mixed", self.value))
+
+    def __eq__(self, other):
+        return isinstance(other, _Probs) and other.value == self.value
+
+    def __repr__(self):
+        return "_Probs({!r})".format(self.value)
+
+
+class XSoftmax:
+    """Like DeBERTa's autograd function, a global: ``XSoftmax.apply(scores, mask, dim)``."""
+
+    @staticmethod
+    def apply(x, mask, dim):
+        return _Probs(("x", x.value))
+
+
+def _collected(function, *args):
+    """Run ``function`` rewritten by ``collecting``; return (its result, the list it reported)."""
+    import types
+
+    from visualizer._rewrite import collecting, rewrite
+
+    seen = []
+    code = rewrite(collecting(function.__code__, "maps"), ("maps",), seen.append,
+                   lambda frame_locals: seen.append(("unbound", sorted(frame_locals))))
+    copy = types.FunctionType(code, function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    return copy(*args), seen
+
+
+def test_collecting_keeps_every_softmax_as_stored_in_loops_and_before_a_remix():
+    def per_head(heads):
+        outs = []
+        for head in heads:
+            attn = head.softmax(-1)
+            outs.append(attn.value)
+        return outs
+
+    def talking_heads(x):
+        attn = x.softmax(dim=-1)
+        attn = attn.mix()  # CaiT: heads mixed after the softmax
+        return attn
+
+    result, seen = _collected(per_head, [_Probs(1), _Probs(2), _Probs(3)])
+    assert result == [("softmax", 1), ("softmax", 2), ("softmax", 3)]
+    assert seen == [[_Probs(("softmax", 1)), _Probs(("softmax", 2)), _Probs(("softmax", 3))]]
+
+    result, seen = _collected(talking_heads, _Probs(7))
+    assert result == _Probs(("mixed", ("softmax", 7)))
+    assert seen == [[_Probs(("softmax", 7))]]  # the probabilities, not the remix
+
+    result, seen = _collected(per_head, [])
+    assert result == [] and seen == [[]]  # bound on every path: an empty list, not "unbound"
+
+
+def test_collecting_every_spelling_cells_and_back_to_back_stores():
+    F = type("F", (), {"softmax": staticmethod(lambda x, dim: _Probs(("F", x.value))),
+                       "log_softmax": staticmethod(lambda x, dim: _Probs(("log", x.value)))})
+
+    def spellings(x):
+        log = F.log_softmax(x, dim=-1)  # a log-probability: never collected
+        first = F.softmax(x, dim=-1)
+        second = XSoftmax.apply(x, None, -1)
+        third = x.softmax(-1); fourth = third  # 3.13: STORE_FAST_LOAD_FAST, STORE_FAST_STORE_FAST
+        a = b = x.softmax(-1)
+        return log, first, second, fourth, a, b
+
+    def in_a_closure(x):
+        probs = x.softmax(-1)
+
+        def later():
+            return probs
+        return later()
+
+    result, seen = _collected(spellings, _Probs(1))
+    assert result[0] == _Probs(("log", 1))
+    assert seen == [[_Probs(("F", 1)), _Probs(("x", 1)), _Probs(("softmax", 1)),
+                     _Probs(("softmax", 1))]]
+    result, seen = _collected(in_a_closure, _Probs(2))
+    assert result == _Probs(("softmax", 2)) and seen == [[_Probs(("softmax", 2))]]
+
+
+def test_collecting_under_exceptions_and_refusing_a_taken_name():
+    from visualizer._rewrite import collecting
+
+    def guarded(x, fail):
+        try:
+            attn = x.softmax(-1)
+            if fail:
+                raise KeyError("boom")
+        except KeyError:
+            attn = None
+        return attn
+
+    assert _collected(guarded, _Probs(1), False) == (_Probs(("softmax", 1)),
+                                                     [[_Probs(("softmax", 1))]])
+    assert _collected(guarded, _Probs(1), True) == (None, [[_Probs(("softmax", 1))]])
+    with pytest.raises(ValueError, match="already a local"):
+        collecting(guarded.__code__, "attn")

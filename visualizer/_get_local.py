@@ -88,9 +88,10 @@ class GetLocal:
         return self._watch(target, names, source, overrides)
 
     def _watch(self, target, names, source=None, overrides=None, explicit=True,
-               attention=False):
+               attention=False, collect=False):
         """``watch``, also for presets: ``explicit=False`` marks a preset's target,
-        ``attention=True`` one whose values are attention maps."""
+        ``attention=True`` one whose values are attention maps, ``collect=True``
+        one that reports every softmax it stores (``_state.Target.collecting``)."""
         if overrides is not None and not isinstance(overrides, dict):
             raise VisualizerTypeError(
                 "overrides must be a dict from attribute name to value, got {!r}".format(
@@ -110,7 +111,8 @@ class GetLocal:
                 "watch: source {!r} is not an argument of {}; its arguments are: {}".format(
                     source, function.__qualname__,
                     ", ".join(function.__code__.co_varnames[:_n_args(function.__code__)])))
-        target = self._state.register(function, names, source, overrides, explicit, attention)
+        target = self._state.register(function, names, source, overrides, explicit, attention,
+                                      collect)
         if explicit and names:
             target.watched = True  # reported if a capture() block ends without a call
         return function

@@ -77,26 +77,92 @@ def softmax_outputs(code):
 
     A local counts when it is the first one stored after a ``softmax`` is
     loaded (``x.softmax(-1)``, ``F.softmax(x, dim=-1)``, ``torch.softmax``,
-    ``nn.functional.softmax(...).to(dtype)``): how eager attention computes its
-    probabilities.  Used to find the variable to capture in attention code
-    that names it in its own way.
+    ``nn.functional.softmax(...).to(dtype)``, ``self.softmax(x)`` of an
+    ``nn.Softmax``, DeBERTa's ``XSoftmax.apply(...)``; never ``log_softmax``):
+    how eager attention computes its probabilities.  Used to find the variable
+    to capture in attention code that names it in its own way.
     """
     names = []
+    for _, name in _softmax_stores(list(_read(code))):
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _is_softmax(name):
+    lowered = name.lower()
+    return lowered.endswith("softmax") and not lowered.endswith(("logsoftmax", "log_softmax"))
+
+
+def _softmax_stores(items):
+    """``(index, local)`` of every store of a softmax result among ``items``."""
     pending = False
-    for instr in _read(code):
+    for index, instr in enumerate(items):
         if not isinstance(instr, Instr):
             continue
         arg = instr.arg
         loaded = arg[-1] if isinstance(arg, tuple) and arg and isinstance(arg[-1], str) else arg
         if instr.name.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL")) and \
-                isinstance(loaded, str) and loaded.lower() == "softmax":  # nn.Softmax too
+                isinstance(loaded, str) and _is_softmax(loaded):
             pending = True
-        elif pending and instr.name in ("STORE_FAST", "STORE_DEREF"):
-            target = arg.name if isinstance(arg, (CellVar, FreeVar)) else arg
-            if target not in names:
-                names.append(target)
-            pending = False
-    return names
+        elif pending:
+            stored = _compat.stored_names(instr.name, arg)
+            if stored:
+                yield index, stored[0]
+                pending = False
+
+
+def collecting(code, hidden):
+    """Return a copy of ``code`` that appends every softmax it stores to a list local.
+
+    The new local ``hidden`` is bound to an empty list where the function
+    starts; each store of a softmax result (see ``softmax_outputs``) is
+    followed by appending the stored value, so a loop over heads (EfficientViT)
+    keeps every map and a softmax later remixed (CaiT's talking heads) is kept
+    as computed.  Pure bytecode, no call: ``LOAD_FAST hidden; LOAD_FAST name;
+    LIST_APPEND 1; POP_TOP``.  Rewrite the result with ``hidden`` as the name
+    to report.
+    """
+    bc = _read(code)
+    items = list(bc)
+    if hidden in local_names(code):
+        raise ValueError("{} is already a local of {}".format(hidden, code.co_name))
+    sites = dict(_softmax_stores(items))
+    cells, frees = set(code.co_cellvars), set(code.co_freevars)
+    start = next((k + 1 for k, i in enumerate(items)
+                  if isinstance(i, Instr) and i.name == "RESUME"), 0)
+    first = next((i for i in items if isinstance(i, Instr)), None)
+    location = first.location if first is not None else None
+    out = []
+    for k, item in enumerate(items):
+        if k == start:
+            out.append(Instr("BUILD_LIST", 0, location=location))
+            out.append(Instr("STORE_FAST", hidden, location=location))
+        if k not in sites:
+            out.append(item)
+            continue
+        name, loc = sites[k], item.location
+        rest = []
+        if item.name in _compat.STORE_FIRST_OPS:    # STORE_FAST_LOAD_FAST (3.13+)
+            item, rest = (Instr("STORE_FAST", item.arg[0], location=loc),
+                          [Instr("LOAD_FAST", item.arg[1], location=loc)])
+        elif item.name in _compat.STORE_BOTH_OPS:   # STORE_FAST_STORE_FAST (3.13+)
+            item, rest = (Instr("STORE_FAST", item.arg[0], location=loc),
+                          [Instr("STORE_FAST", item.arg[1], location=loc)])
+        out.append(item)
+        load = _load(name, cells, frees)
+        out.extend([Instr("LOAD_FAST", hidden, location=loc), _instr(load[0], load[1], loc),
+                    Instr("LIST_APPEND", 1, location=loc), Instr("POP_TOP", location=loc)])
+        out.extend(rest)
+    if start >= len(items):
+        out.append(Instr("BUILD_LIST", 0, location=location))
+        out.append(Instr("STORE_FAST", hidden, location=location))
+    bc.clear()
+    bc.extend(out)
+    try:
+        return bc.to_code()
+    except Exception as exc:
+        raise UnreadableCode(code, exc, "write") from exc
 
 
 def missing_names(code, names):

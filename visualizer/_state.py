@@ -89,6 +89,7 @@ class Target:
         self.watched = False    # named to get_local.watch by the user
         self.attention = False  # its values are attention maps (queries=/heads= apply)
         self.maybe_unbound = False  # some return of the rewritten code may lack a name
+        self.collect = False    # a preset's: every softmax the code stores (see ``collecting``)
         _torch.note_code(code, self)
 
     def takes_kernel(self):
@@ -100,8 +101,20 @@ class Target:
         Such a function, watched by a preset or by the user, gets the kernel's
         probabilities instead (see ``State.take_stash``), under its own key.
         """
-        return self.maybe_unbound and bool(self.names) and (
+        return (self.maybe_unbound or self.collecting) and bool(self.names) and (
             self.attention or (self.explicit and "softmax" in self.code.co_names))
+
+    @property
+    def collecting(self):
+        """Whether the rewritten code reports every softmax it stores, not ``names``.
+
+        A preset's attention target in code that names its probabilities in
+        its own way (``integrations.watch_softmax_outputs``) reports each
+        softmax result as it is stored: every head of a loop over heads, and
+        the probabilities before a later mixing of heads.  Once the user
+        watches the function by name, it reports their names instead.
+        """
+        return self.collect and not self.explicit
 
     def runs(self, code):
         """Whether ``code`` is this target's original code or one of its rewritten codes."""
@@ -134,8 +147,11 @@ class Target:
             record_locals = make_record_locals(self)
             bound = _bind(record, record_locals)
             try:
+                code, names = self.code, self.names
+                if self.collecting:
+                    code, names = _rewrite.collecting(code, _COLLECTED), (_COLLECTED,)
                 code = _rewrite.rewrite(
-                    self.code, self.names, _rewrite.Global(bound[0]),
+                    code, names, _rewrite.Global(bound[0]),
                     _rewrite.Global(bound[1]), source=self.source,
                     overrides=self.overrides, builtin_locals=_rewrite.Global(_LOCALS))
             except BaseException:
@@ -169,6 +185,7 @@ _MISSING = object()
 
 _BUILTINS = builtins.__dict__
 _LOCALS = "__visualizer_locals__"  # the built-in locals(), under a name no module shadows
+_COLLECTED = "__visualizer_softmax_outputs__"  # the list local of a collecting target
 _serial = itertools.count(1)
 _elsewhere = {}  # bound name -> other built-in namespaces it was also put in
 
@@ -269,6 +286,18 @@ def make_record(state, target):
     # sets it so (Falcon's ``attention_scores``): the kernel seam captures that
     # call, so None is no capture.
     skip_none = target.attention and not target.explicit
+    if target.collecting:
+        def record(*args):  # (maps) or (source, maps): the softmax results it stored
+            try:
+                source = args[0] if len(args) == 2 else None
+                for probs in args[-1]:
+                    state.capture(target, source, (probs,))
+                if state.stashed:  # the kernel calls made inside it
+                    for probs in state.take_stash(sys._getframe(1)) or ():
+                        state.store(target, source, (probs,))
+            except Exception as exc:
+                failed(target, exc)
+        return record
     if len(target.names) == 1:
         key = target.keys[0]
         if skip_none:
@@ -637,11 +666,12 @@ class State:
                 _torch.recompile(target)
 
     def register(self, function, names, source, overrides=None, explicit=True,
-                 attention=False):
+                 attention=False, collect=False):
         """Put ``function`` under capture of ``names``; install now if active.
 
         ``explicit``: the user asked for it (not only a preset); ``attention``:
-        its values are attention maps.
+        its values are attention maps; ``collect``: report every softmax it
+        stores while only presets watch it (``Target.collecting``).
 
         If the code cannot be rewritten (``_rewrite.UnreadableCode``) while
         active, the error is raised and nothing is registered or changed.
@@ -654,19 +684,23 @@ class State:
                 target = Target(self, code, function.__qualname__, names, source,
                                  function.__module__)
                 self.watch_dynamo()
-            saved = (target.names, target.keys, dict(target.overrides), target.rewritten)
+            saved = (target.names, target.keys, dict(target.overrides), target.rewritten,
+                     target.collect)
             target.add_names(names)
             target.add_overrides(overrides)
             explicit = target.explicit or (explicit and bool(names))
             attention = target.attention or attention
-            if (explicit, attention) != (target.explicit, target.attention):
-                target.rewritten = None  # its recorders depend on both (see make_record)
-            target.explicit, target.attention = explicit, attention
+            collect = target.collect or collect
+            if (explicit, attention, collect) != (target.explicit, target.attention,
+                                                  target.collect):
+                target.rewritten = None  # its recorders depend on these (see make_record)
+            target.explicit, target.attention, target.collect = explicit, attention, collect
             if self.active:
                 try:
                     target.rewritten_code()
                 except VisualizerError:
-                    target.names, target.keys, target.overrides, target.rewritten = saved
+                    (target.names, target.keys, target.overrides, target.rewritten,
+                     target.collect) = saved
                     raise
             if created:
                 self.targets[id(code)] = target

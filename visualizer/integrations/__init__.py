@@ -24,10 +24,13 @@ def watch_softmax_outputs(get_local, module, named=True):
 
     In each class defined in ``module`` whose name says attention (``attn``,
     ``attention``; every class with ``named=False``), every method that stores a softmax into a local
-    (``_rewrite.softmax_outputs``) is watched for that local, as a preset:
-    ``attn`` of timm's ``Attention.forward``, ``attention_probs`` of BLOOM,
-    ``attn_prob`` of XLNet's ``rel_attn_core``.  On a fused path the local is
-    unbound (or None) and the kernel call of the same method supplies it.
+    (``_rewrite.softmax_outputs``) is watched, as a preset, for every softmax
+    result it stores, as it is stored: ``attn`` of timm's ``Attention.forward``,
+    ``attention_probs`` of BLOOM, ``attn_prob`` of XLNet's ``rel_attn_core``,
+    each head of EfficientViT's loop over heads, CaiT's probabilities before
+    the talking heads mix them, both softmaxes of ConViT's gated attention.
+    The cache key is the method's qualname.  On a fused path nothing is
+    stored and the kernel calls made inside the method supply its maps.
     """
     from .._rewrite import softmax_outputs
 
@@ -51,7 +54,7 @@ def watch_softmax_outputs(get_local, module, named=True):
             names = softmax_outputs(code)
             if names:
                 watched.append(get_local._watch(function, (names[0],), explicit=False,
-                                                attention=True))
+                                                attention=True, collect=True))
     return watched
 
 

@@ -292,6 +292,65 @@ def test_clip_vision(presets):
     every_reference_map_is_captured(np, reference, maps)
 
 
+def test_timm_classes_report_every_softmax_they_store_until_the_user_names_a_variable(presets):
+    """EfficientViT computes one softmax per head in a loop and CaiT mixes heads after its
+    softmax: each probability map is captured as computed (the reference records every softmax
+    torch computes); a user's watch by name then captures that name at return instead."""
+    torch = require("torch")
+    timm = require("timm")
+    np = require("numpy")
+    from torch.overrides import TorchFunctionMode
+
+    class Softmaxes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.maps = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func in (torch.Tensor.softmax, torch.softmax, torch.nn.functional.softmax):
+                self.maps.append(result.detach().numpy().copy())
+            return result
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 224, 224)
+    for name, key, loops in (("efficientvit_m0", "CascadedGroupAttention.forward", True),
+                             ("cait_xxs24_224", "TalkingHeadAttn.forward", False)):
+        model = timm.create_model(name, pretrained=False, **({"depth": 2} if "cait" in name else {}))
+        model.eval()
+        with torch.no_grad():
+            plain = model(x)
+            with presets.capture() as cache:
+                out = model(x)
+            with Softmaxes() as reference:
+                model(x)
+        assert torch.equal(out, plain), name
+        # (CaiT's class attention calls the fused kernel: the seam has it, the reference not)
+        assert len(cache[key]) == len(reference.maps) > 0, name
+        for expected, got in zip(reference.maps, cache[key]):
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+        modules = [m for m in model.modules() if key.startswith(type(m).__name__ + ".")]
+        heads = [len(m.qkvs) if hasattr(m, "qkvs") else 1 for m in modules]
+        assert len(cache[key]) == sum(heads), name  # one map per head of the loop
+        assert (sum(heads) > len(modules)) == loops, name
+
+    # The user names CaiT's variable: its value at return, after the heads are mixed
+    mixed = []
+    hooks = [m.attn.attn_drop.register_forward_hook(lambda mod, inp, out: mixed.append(out.numpy()))
+             for m in model.blocks]
+    presets.watch("timm.models.cait.TalkingHeadAttn.forward", "attn")
+    try:
+        with torch.no_grad(), presets.capture() as cache:
+            assert torch.equal(model(x), plain)
+    finally:
+        presets.unwatch("timm.models.cait.TalkingHeadAttn.forward")
+        for hook in hooks:
+            hook.remove()
+    assert len(cache["TalkingHeadAttn.forward"]) == len(mixed) == 2
+    for expected, got in zip(mixed, cache["TalkingHeadAttn.forward"]):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_eager_models_are_captured_from_their_eager_function(presets):
     torch = require("torch")
     transformers = require("transformers")

@@ -136,14 +136,16 @@ class GetLocal:
     def watch_attention(self, families=None):
         """Watch the attention probabilities of every supported model family installed.
 
-        timm's ViT family (ViT, DeiT, BEiT, EVA, Swin), transformers' BERT family
-        (and its ViT) and PyTorch's ``nn.MultiheadAttention``; the table and the
-        details are in ``visualizer.presets``.  Nothing is imported: a family is
-        watched when your code imports it.  While capture is on, the modules
-        take their eager path (timm's ``fused_attn``, transformers' SDPA and
-        PyTorch's fast path run no Python code to capture from); when it stops,
-        they are fused again.  ``families`` picks some of ``'timm'``,
-        ``'transformers'``, ``'torch'``.  Returns the dotted paths watched.
+        Every call of torch's ``scaled_dot_product_attention`` (the kernel
+        seam), the eager attention of timm's and transformers' classes, and
+        PyTorch's ``nn.MultiheadAttention``; the table and the details are in
+        ``visualizer.presets``, the measured reach in COVERAGE.md.  Nothing
+        is imported: a family is watched when your code imports it.  Nothing
+        is switched to an eager path either: the model computes what it
+        would without capture (but for ``nn.MultiheadAttention``'s native fast
+        path, off while capturing).  ``families`` picks some of ``'kernel'``,
+        ``'timm'``, ``'transformers'``, ``'torch'``.  Returns the dotted paths
+        watched.
 
         >>> get_local.watch_attention()
         >>> get_local.activate()

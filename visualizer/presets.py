@@ -19,11 +19,12 @@ by your code (or at once if it already is).  The families:
                the module is imported; 4.x: ``<Family>SelfAttention.forward``
                (``attention_probs``).
 ``'timm'``     the eager paths of timm's attention classes: in every timm
-               module, the local each attention class's methods store a
-               softmax into (``attn`` of ``Attention``, Swin, CaiT, ConViT,
-               DaViT, EfficientFormer, Halo, ...), under the method's
-               qualname; on a fused path the kernel call inside the same
-               method supplies it.
+               module, every softmax result each class's methods store, as
+               it is stored (``attn`` of ``Attention``, Swin, CaiT before its
+               talking heads, ConViT, DaViT, EfficientFormer, each head of
+               EfficientViT's loop, Halo, ...), under the method's
+               qualname; on a fused path the kernel calls inside the same
+               method supply its maps.
 ``'torch'``    ``nn.MultiheadAttention``: its fast path, a native kernel that
                runs no Python, is off while capturing; calls that ask for
                weights keep them per head (``attn_output_weights``, key

@@ -8,12 +8,12 @@ DaViT, EfficientFormer, Halo and Bottleneck attention, GC ViT, ... have none)
 or when the user turns fusion off (``TIMM_FUSED_ATTN=0``,
 ``timm.layers.set_fused_attn(False)``).  For every timm module as it is
 imported, the preset watches, in each of its classes (ConViT's is ``GPSA``:
-names do not say attention in timm), the local its methods store a softmax
-into (``attn`` mostly; see
-``visualizer.integrations.watch_softmax_outputs``).  On the fused path that
-variable is never bound, and the kernel call made inside the same method
-supplies it: one capture per call, under the method's qualname, whichever
-path ran.
+names do not say attention in timm), every softmax result its methods
+store, as it is stored (``attn`` mostly; every head of EfficientViT's loop
+over heads; CaiT's and EfficientFormerV2's before the talking heads mix them;
+see ``visualizer.integrations.watch_softmax_outputs``).  On the fused path
+nothing is stored, and the kernel calls made inside the same method supply
+the maps, under the method's qualname, whichever path ran.
 """
 from . import watch_softmax_outputs
 

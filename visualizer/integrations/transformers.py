@@ -21,9 +21,11 @@ of each modeling module.  So:
   is defined in that modeling module.
 * modeling modules without ``eager_attention_forward`` (transformers 4.x,
   and 5.x models that compute attention in their own methods, such as BLOOM
-  and XLNet): each attention class's methods are watched for the local they
-  store a softmax into (``attention_probs``, ``attn_prob``), under the
-  method's qualname; 4.x SDPA classes call the kernel themselves.
+  and XLNet): each attention class's methods are watched for every softmax
+  result they store (``attention_probs``, ``attn_prob``; ConvBERT's
+  attention beside its span-based convolution kernel's softmax; DeBERTa's
+  and SEW-D's ``XSoftmax``), under the method's qualname; 4.x SDPA classes
+  call the kernel themselves.
 """
 import sys
 

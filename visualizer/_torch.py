@@ -208,6 +208,19 @@ class _Support:
     def traced_record(self, target, record):
         eager = self.disable(record, target, "a value that is not a tensor")
         emit, tensors = self.emitter(target), self.tensors
+        if target.collecting:  # one list: every softmax the code stored (Target.collecting)
+            def traced(*args):
+                maps = args[-1]
+                if not maps:
+                    # A preset's fused path: the seam captures nothing in a compiled
+                    # graph (and says so, see _compiled_through_seam); no graph break.
+                    return None
+                if not tensors(maps):
+                    return eager(*args)
+                source = args[0] if len(args) == 2 else None
+                for probs in maps:
+                    emit(source, [probs])
+            return traced
         if target.source is None:
             def traced(*values):
                 if not tensors(values):

@@ -8,7 +8,10 @@ For one model type (a key of ``CONFIG_MAPPING_NAMES``) :func:`check`
    token ids moved inside the small vocabulary;
 2. builds the model (``AutoModel``, else another auto class, else the
    modeling module's own class for that configuration) with a fixed seed, and an
-   ``attn_implementation='eager'`` copy with the same weights;
+   ``attn_implementation='eager'`` copy with the same weights (a deep copy switched
+   with ``set_attn_implementation('eager')``; where that leaves any configuration
+   on another implementation, as for modeling modules without AttentionInterface,
+   a model built eager from the start, loaded with the same state dict);
 3. makes inputs from the names ``forward`` accepts (token ids with a padded
    row, pixel values, decoder ids, audio features...), falling back to fewer
    inputs (text only, then the non-text input only) when the model refuses them;
@@ -280,8 +283,47 @@ def build(model_type):
     eager = copy.deepcopy(model)
     if hasattr(eager, "set_attn_implementation"):
         eager.set_attn_implementation("eager")
+    if _not_eager(eager):
+        # set_attn_implementation leaves the configuration alone where the modeling module does
+        # not dispatch through AttentionInterface (Falcon: it only warns); such a model still
+        # builds its masks for its default implementation (a boolean SDPA mask, which Falcon's
+        # eager path then adds to its scores: no causal mask at all), so build the copy eager
+        # from the start instead and give it the same weights.
+        eager = _built_eager(cls, config, model) or eager
     eager.eval()
     return model, eager, config
+
+
+def _not_eager(model):
+    """The attention implementations other than eager that ``model`` or any submodel is configured with."""
+    found = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        implementation = getattr(config, "_attn_implementation", None)
+        if isinstance(implementation, str) and implementation != "eager":
+            found.add(implementation)
+    return found
+
+
+def _built_eager(cls, config, model):
+    """``cls`` built from ``config`` with ``attn_implementation='eager'`` and ``model``'s weights (``None`` if that fails)."""
+    import torch
+
+    config = copy.deepcopy(config)
+    try:
+        torch.manual_seed(SEED)
+        if hasattr(cls, "_from_config"):
+            eager = cls._from_config(config, attn_implementation="eager")
+        else:
+            config._attn_implementation = "eager"
+            eager = cls(config)
+        eager.load_state_dict(model.state_dict(), strict=True)
+    except Exception:
+        return None
+    languages = getattr(config, "languages", None)
+    if hasattr(eager, "set_default_language") and languages:
+        eager.set_default_language(list(languages)[0])
+    return eager
 
 
 def _sub(config, *names):

@@ -190,10 +190,10 @@ def check(name):
         return dict(result, status="missed", reason="forward under capture raised " + one_line(error))
     maps = captured_maps(cache)
     result["captured"] = len(maps)
-    unmatched, why = match_maps(reference, maps, recorder.owners)
+    unmatched, why, note = match_maps(reference, maps, recorder.owners)
     changed = outputs_equal(plain, captured)
     result["unmatched"] = unmatched
-    reasons = [r for r in (why, changed) if r]
-    if reasons:
+    reasons = [r for r in (why, changed, note) if r]
+    if why or changed:
         return dict(result, status="missed", reason="; ".join(reasons))
-    return dict(result, status="covered", reason="")
+    return dict(result, status="covered", reason=note)

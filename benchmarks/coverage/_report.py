@@ -19,7 +19,9 @@ its **default** attention implementation under `get_local.watch_attention()` and
   width 32, 4 heads, 2 key-value heads, vocabulary 99, nested configurations shrunk too),
   inputs made from the names `forward` accepts; the reference is the same weights under
   `attn_implementation='eager'` with `output_attentions=True` (every map under an output field
-  named like attentions: self, cross, encoder, decoder, vision, text);
+  named like attentions: self, cross, encoder, decoder, vision, text; where every such map is
+  NaN, an eager path broken upstream, the default model's SDPA probabilities recomputed by hand
+  from the arguments of its calls instead, and the row says so);
 * **timm**: every model name of `timm.list_models()` in a family with attention, `pretrained=False`,
   a small input where the model allows it; the reference is forward hooks on the modules that
   hold the attention probabilities, on a copy with timm's fused attention off.

@@ -4,6 +4,18 @@ An architecture is covered when every attention map of the independent
 reference equals (``allclose``, absolute 1e-5) some map captured from the
 default model, and the default model's outputs under capture are
 bit-identical (``torch.equal``) to its outputs without capture.
+
+Two rules of :func:`match_maps` make "equals" exact about what a map is:
+
+* shapes: the same values in the same order under another shape match
+  (``(B*H, N, M)`` for ``(B, H, N, M)``; a shape with size-1 axes added or
+  dropped, as timm's GlobalContext ``(B, 1, HW)`` captured as ``(B, 1, HW, 1)``);
+* scores: a reference map that is no probability distribution (a model
+  returning its pre-softmax scores as attentions: SqueezeBERT, ProphetNet's
+  encoder and cross attention) matches a captured map equal to its softmax
+  over the last axis, computed by the harness in float64; rows masked whole
+  (every score ``-inf`` or float32's minimum) must be zeros or uniform in the
+  captured map.  The row of such an architecture says so.
 """
 import collections
 
@@ -68,57 +80,149 @@ def captured_maps(cache):
 def match_maps(reference, captured, owners=None):
     """Match every reference map (NumPy) to a captured map of the same shape and values.
 
-    Returns ``(unmatched, reason)``: the number of reference maps without a
-    match and a one-line description of them (empty when all matched).
-    ``owners`` (one name per reference map, for example the module method that
-    computed it) are named in the reason for the maps left unmatched.
+    Returns ``(unmatched, reason, note)``: the number of reference maps without
+    a match, a one-line description of them (empty when all matched), and a
+    one-line note of how the matched ones matched where that was not plainly
+    (empty otherwise: the reference maps the harness softmaxed).  ``owners``
+    (one name per reference map, for example the module method that computed
+    it) are named in the reason for the maps left unmatched.
+
+    Shapes: a captured map matches a reference map of the same shape, of the
+    same size and last two axes (``(B*H, N, M)`` and ``(B, H, N, M)`` hold the
+    same values in the same order), or of the same shape once every size-1
+    axis is dropped from both (``(2, 1, 256)`` and ``(2, 1, 256, 1)``).
+
+    Scores: a reference map that is no probability distribution (see
+    :func:`_is_probability`; some models return their pre-softmax scores as
+    "attentions") also matches a captured map that equals its softmax over the
+    last axis, computed here in float64 (then float32); a row of the reference
+    that is masked whole (every score ``-inf`` or at most half float32's most
+    negative value) matches a captured row of zeros or a uniform one, the two
+    conventions of the kernels, and nothing else.
     """
     by_shape = collections.defaultdict(list)
     by_layout = collections.defaultdict(list)  # (B*H, N, M) and (B, H, N, M) hold the same values
+    by_squeezed = collections.defaultdict(list)  # (2, 1, 256) and (2, 1, 256, 1) too
     for array in captured:
         by_shape[array.shape].append(array)
         by_layout[(array.size, array.shape[-2:])].append(array)
+        by_squeezed[_squeezed(array.shape)].append(array)
     missing_shape = collections.Counter()
     wrong_value = collections.Counter()
+    all_nan = collections.Counter()
     closest = {}
     missing_owners = collections.Counter()
     not_probabilities = 0
+    softmaxed = 0
     for index, ref in enumerate(reference):
-        candidates = by_shape.get(ref.shape, [])
-        if not candidates:
-            candidates = [c.reshape(ref.shape) for c in by_layout.get((ref.size, ref.shape[-2:]), [])]
+        candidates = _candidates(ref, by_shape, by_layout, by_squeezed)
         if not candidates:
             missing_shape[ref.shape] += 1
             if owners:
                 missing_owners[owners[index]] += 1
             continue
-        errors = [float(np.nanmax(np.abs(c - ref))) if c.size else 0.0 for c in candidates]
-        same_nan = [bool(np.array_equal(np.isnan(c), np.isnan(ref))) for c in candidates]
-        if any(e <= ATOL and s for e, s in zip(errors, same_nan)):
+        if any(_equal(c, ref)[0] for c in candidates):
             continue
-        wrong_value[ref.shape] += 1
-        closest[ref.shape] = min(errors)
-        not_probabilities += not _is_probability(ref)
+        probability = _is_probability(ref)
+        if not probability and any(_matches_softmax(c, ref) for c in candidates):
+            softmaxed += 1
+            continue
+        if ref.size and np.isnan(ref).all():
+            all_nan[ref.shape] += 1
+        else:
+            wrong_value[ref.shape] += 1
+            error = min(_equal(c, ref)[1] for c in candidates)
+            closest[ref.shape] = min(error, closest.get(ref.shape, error))
+            not_probabilities += not probability
         if owners:
             missing_owners[owners[index]] += 1
-    unmatched = sum(missing_shape.values()) + sum(wrong_value.values())
+    unmatched = sum(missing_shape.values()) + sum(wrong_value.values()) + sum(all_nan.values())
     parts = []
     for shape, count in missing_shape.items():
         parts.append("{} of shape {} not captured".format(count, _shape(shape)))
     for shape, count in wrong_value.items():
         parts.append("{} of shape {} captured with other values (closest max error {:.2g})".format(
             count, _shape(shape), closest[shape]))
+    for shape, count in all_nan.items():
+        parts.append("{} of shape {} all NaN in the reference (nothing to compare with)".format(
+            count, _shape(shape)))
     reason = ""
     if not_probabilities:
         parts.append("{} of the reference maps are no probabilities (values outside [0, 1] or rows "
-                     "not summing to 1: scores returned as attentions)".format(not_probabilities))
+                     "not summing to 1: scores returned as attentions), nor do their softmaxes match".format(
+                         not_probabilities))
     if missing_owners:
         parts.append("computed in " + ", ".join("{} ({})".format(k, v) for k, v in missing_owners.items()))
     if parts:
         reason = "{}/{} maps unmatched: {}; captured shapes: {}".format(
             unmatched, len(reference), ", ".join(parts),
             ", ".join("{}x{}".format(len(v), _shape(k)) for k, v in sorted(by_shape.items())) or "none")
-    return unmatched, reason
+    note = ""
+    if softmaxed:
+        note = ("{} of the {} reference maps are scores, not probabilities (returned as attentions "
+                "before their softmax): matched after the harness softmaxed them (float64, last axis)".format(
+                    softmaxed, len(reference)))
+    return unmatched, reason, note
+
+
+def _squeezed(shape):
+    return tuple(s for s in shape if s != 1)
+
+
+def _candidates(ref, by_shape, by_layout, by_squeezed):
+    """The captured maps that may hold ``ref``'s values, reshaped to ``ref``'s shape."""
+    candidates = by_shape.get(ref.shape, [])
+    if not candidates:
+        candidates = [c.reshape(ref.shape) for c in by_layout.get((ref.size, ref.shape[-2:]), [])]
+    if not candidates:
+        candidates = [c.reshape(ref.shape) for c in by_squeezed.get(_squeezed(ref.shape), [])]
+    return candidates
+
+
+def _equal(candidate, ref):
+    """``(match, max abs error)``: NaN where both hold NaN, every other value within ``ATOL``."""
+    if not candidate.size:
+        return True, 0.0
+    same_nan = bool(np.array_equal(np.isnan(candidate), np.isnan(ref)))
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(candidate - ref)
+    error = float(np.nanmax(diff)) if not np.isnan(diff).all() else float("nan")
+    return same_nan and error <= ATOL, error
+
+
+# A score at most this is a mask (float32's most negative value, which models add to masked scores).
+_MASKED = np.finfo(np.float32).min / 2
+
+
+def softmax_of_scores(ref):
+    """``softmax(ref, last axis)`` in float64, then float32, and the mask of the rows masked whole.
+
+    A row is masked whole where every score is ``-inf`` or at most ``_MASKED``; its softmax
+    is left NaN here (``-inf`` rows) or uniform (finite mask values): the caller decides.
+    """
+    scores = np.asarray(ref, dtype=np.float64)
+    masked = np.all(np.isneginf(scores) | (scores <= _MASKED), axis=-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted = scores - np.max(scores, axis=-1, keepdims=True)
+        exp = np.exp(shifted)
+        probabilities = exp / np.sum(exp, axis=-1, keepdims=True)
+    return probabilities.astype(np.float32), masked
+
+
+def _matches_softmax(candidate, ref):
+    """Whether ``candidate`` equals the softmax of the scores ``ref`` (rows masked whole: zeros or uniform)."""
+    if not candidate.size or np.isnan(ref).any() or np.isposinf(ref).any():
+        return False
+    expected, masked = softmax_of_scores(ref)
+    if masked.any():
+        rows = candidate[masked]
+        zeros = np.all(np.abs(rows) <= ATOL, axis=-1, keepdims=True)
+        uniform = np.full_like(rows, 1.0 / rows.shape[-1])
+        expected = expected.copy()
+        expected[masked] = np.where(zeros, 0.0, uniform)
+    if not np.all(np.isfinite(candidate)) or not np.all(np.isfinite(expected)):
+        return False
+    return bool(np.max(np.abs(candidate - expected)) <= ATOL)
 
 
 def _is_probability(array):

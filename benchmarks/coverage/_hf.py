@@ -8,18 +8,28 @@ For one model type (a key of ``CONFIG_MAPPING_NAMES``) :func:`check`
    token ids moved inside the small vocabulary;
 2. builds the model (``AutoModel``, else another auto class, else the
    modeling module's own class for that configuration) with a fixed seed, and an
-   ``attn_implementation='eager'`` copy with the same weights;
+   ``attn_implementation='eager'`` copy with the same weights (a deep copy switched
+   with ``set_attn_implementation('eager')``; where that leaves any configuration
+   on another implementation, as for modeling modules without AttentionInterface,
+   a model built eager from the start, loaded with the same state dict);
 3. makes inputs from the names ``forward`` accepts (token ids with a padded
    row, pixel values, decoder ids, audio features...), falling back to fewer
    inputs (text only, then the non-text input only) when the model refuses them;
 4. runs the eager copy with ``output_attentions=True``: every tensor under an
    output field named like attentions (``attentions``, ``cross_attentions``,
-   ``vision_model_output.attentions``, ...) is a reference map;
+   ``vision_model_output.attentions``, ...) is a reference map; where every one
+   of them is all NaN (an eager path that is broken upstream: Nemotron ASR
+   streaming turns its float mask into a boolean with ``logical_not()`` and so
+   masks every score), the reference is instead the probabilities of the default
+   model's ``scaled_dot_product_attention`` calls recomputed by hand from their
+   arguments (``_reference.SoftmaxRecorder``, as for timm), and the row says so;
 5. runs the default model without capture, then under ``watch_attention()`` and
    ``capture()``, and compares (see ``_compare``).
 """
 import copy
 import inspect
+
+import numpy as np
 
 from ._compare import captured_maps, match_maps, one_line, outputs_equal, tensors_in
 
@@ -280,8 +290,47 @@ def build(model_type):
     eager = copy.deepcopy(model)
     if hasattr(eager, "set_attn_implementation"):
         eager.set_attn_implementation("eager")
+    if _not_eager(eager):
+        # set_attn_implementation leaves the configuration alone where the modeling module does
+        # not dispatch through AttentionInterface (Falcon: it only warns); such a model still
+        # builds its masks for its default implementation (a boolean SDPA mask, which Falcon's
+        # eager path then adds to its scores: no causal mask at all), so build the copy eager
+        # from the start instead and give it the same weights.
+        eager = _built_eager(cls, config, model) or eager
     eager.eval()
     return model, eager, config
+
+
+def _not_eager(model):
+    """The attention implementations other than eager that ``model`` or any submodel is configured with."""
+    found = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        implementation = getattr(config, "_attn_implementation", None)
+        if isinstance(implementation, str) and implementation != "eager":
+            found.add(implementation)
+    return found
+
+
+def _built_eager(cls, config, model):
+    """``cls`` built from ``config`` with ``attn_implementation='eager'`` and ``model``'s weights (``None`` if that fails)."""
+    import torch
+
+    config = copy.deepcopy(config)
+    try:
+        torch.manual_seed(SEED)
+        if hasattr(cls, "_from_config"):
+            eager = cls._from_config(config, attn_implementation="eager")
+        else:
+            config._attn_implementation = "eager"
+            eager = cls(config)
+        eager.load_state_dict(model.state_dict(), strict=True)
+    except Exception:
+        return None
+    languages = getattr(config, "languages", None)
+    if hasattr(eager, "set_default_language") and languages:
+        eager.set_default_language(list(languages)[0])
+    return eager
 
 
 def _sub(config, *names):
@@ -536,11 +585,21 @@ def check(model_type):
             reason = "output_attentions holds only 2-D tensors {}, not attention maps".format(
                 ", ".join("({})".format(",".join(map(str, s))) for s in flat))
         return dict(result, status="no attention", reason=reason)
-    result["maps"] = len(reference)
     try:
         plain = _forward(model, inputs)
     except Exception as error:
+        result["maps"] = len(reference)
         return dict(result, status="missed", reason="default implementation failed: " + one_line(error))
+    notes = []
+    if all(r.size and np.isnan(r).all() for r in reference):
+        recomputed = _recomputed(model, inputs)
+        if recomputed:
+            reference = recomputed
+            result["reference"] = "sdpa recomputed"
+            notes.append("the eager reference is all NaN (its eager path computes no probabilities), so the "
+                         "reference is softmax(q kᵀ·scale + mask) recomputed from the arguments of the default "
+                         "model's {} scaled_dot_product_attention calls".format(len(recomputed)))
+    result["maps"] = len(reference)
     try:
         with get_local.capture() as cache:
             captured = _forward(model, inputs)
@@ -548,10 +607,28 @@ def check(model_type):
         return dict(result, status="missed", reason="forward under capture raised " + one_line(error))
     maps = captured_maps(cache)
     result["captured"] = len(maps)
-    unmatched, why = match_maps(reference, maps)
+    unmatched, why, note = match_maps(reference, maps)
     changed = outputs_equal(plain, captured)
     result["unmatched"] = unmatched
-    reasons = [r for r in (why, changed) if r]
-    if reasons:
+    notes += [note] if note else []
+    if why or changed:
+        reasons = [r for r in (why, changed) if r] + notes
         return dict(result, status="missed", reason="; ".join(reasons + [_diagnosis(model)]))
-    return dict(result, status="covered", reason="")
+    return dict(result, status="covered", reason="; ".join(notes))
+
+
+def _recomputed(model, inputs):
+    """The probabilities of every SDPA call of the default model, recomputed by hand (``[]`` if it calls none).
+
+    For a model whose eager path is broken (every reference map NaN): the independent reference the
+    timm sweep uses, :class:`~benchmarks.coverage._reference.SoftmaxRecorder`, on the default model.
+    """
+    from ._reference import SoftmaxRecorder
+
+    recorder = SoftmaxRecorder()
+    try:
+        with recorder:
+            _forward(model, inputs)
+    except Exception:
+        return []
+    return [m.numpy() for m, kind in zip(recorder.maps, recorder.kinds) if kind == "sdpa"]

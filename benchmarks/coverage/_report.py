@@ -19,13 +19,20 @@ its **default** attention implementation under `get_local.watch_attention()` and
   width 32, 4 heads, 2 key-value heads, vocabulary 99, nested configurations shrunk too),
   inputs made from the names `forward` accepts; the reference is the same weights under
   `attn_implementation='eager'` with `output_attentions=True` (every map under an output field
-  named like attentions: self, cross, encoder, decoder, vision, text);
+  named like attentions: self, cross, encoder, decoder, vision, text; where every such map is
+  NaN, an eager path broken upstream, the default model's SDPA probabilities recomputed by hand
+  from the arguments of its calls instead, and the row says so);
 * **timm**: every model name of `timm.list_models()` in a family with attention, `pretrained=False`,
   a small input where the model allows it; the reference is forward hooks on the modules that
   hold the attention probabilities, on a copy with timm's fused attention off.
 
 Status: **covered**: every reference map equals some captured map (absolute tolerance 1e-5) and
-the outputs under capture are bit-identical (`torch.equal`) to the outputs without capture;
+the outputs under capture are bit-identical (`torch.equal`) to the outputs without capture
+(a map equals another of a different shape holding the same values in the same order: heads
+merged into the batch axis, or size-1 axes added or dropped; a reference map that is no
+probability distribution, a model's pre-softmax scores returned as attentions, equals a
+captured map that is its softmax over the last axis, computed by the harness in float64, rows
+masked whole being zeros or uniform; the row of such an architecture says so);
 **missed**: a reference map was not captured, or an output changed (the reason says which);
 **no attention**: builds and runs but returns no attention maps under the reference (not
 applicable: no softmax attention, or none the library exposes); **not built**: cannot be built

@@ -190,8 +190,7 @@ def check(name):
         return dict(result, status="missed", reason="forward under capture raised " + one_line(error))
     maps = captured_maps(cache)
     result["captured"] = len(maps)
-    unmatched, why = match_maps(reference, maps, recorder.owners)
-    note = ""
+    unmatched, why, note = match_maps(reference, maps, recorder.owners)
     if unmatched and before:
         # The unfused copy's later layers see activations rounded differently
         # (eager attn @ v instead of the kernel), and differential attention
@@ -201,13 +200,16 @@ def check(name):
         fused = SoftmaxRecorder()
         with fused:
             _forward(model, x)
-        if fused.maps and not match_maps([m.numpy() for m in fused.maps], maps)[0]:
-            note = ("reference: the default forward's kernel calls, recomputed from their q and k "
-                    "({} maps; the unfused copy's {})".format(len(fused.maps), why.split(";")[0]))
+        again = match_maps([m.numpy() for m in fused.maps], maps) if fused.maps else None
+        if again is not None and not again[0]:
+            note = "; ".join(n for n in (
+                "reference: the default forward's kernel calls, recomputed from their q and k "
+                "({} maps; the unfused copy's {})".format(len(fused.maps), why.split(";")[0]),
+                again[2]) if n)
             result["maps"], unmatched, why = len(fused.maps), 0, ""
     changed = outputs_equal(plain, captured)
     result["unmatched"] = unmatched
-    reasons = [r for r in (why, changed) if r]
-    if reasons:
+    reasons = [r for r in (why, changed, note) if r]
+    if why or changed:
         return dict(result, status="missed", reason="; ".join(reasons))
     return dict(result, status="covered", reason=note)

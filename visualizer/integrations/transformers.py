@@ -19,9 +19,9 @@ of each modeling module.  So:
   on a default (sdpa) model: that function never runs, so the seam hands it
   the kernel's probabilities, from the calls whose attention module's class
   is defined in that modeling module.
-* modeling modules without ``eager_attention_forward`` (transformers 4.x,
-  and 5.x models that compute attention in their own methods, such as BLOOM
-  and XLNet): each attention class's methods are watched for every softmax
+* attention classes that compute attention in their own methods (all of
+  transformers 4.x; in 5.x BLOOM, XLNet, GIT's text attention, ...): each
+  attention class's methods are watched for every softmax
   result they store (``attention_probs``, ``attn_prob``; ConvBERT's
   attention beside its span-based convolution kernel's softmax; DeBERTa's
   and SEW-D's ``XSoftmax``), under the method's qualname; 4.x SDPA classes
@@ -63,19 +63,20 @@ def adapt_sdpa(frame, call, state):
 
 def watch_modeling_module(get_local, module):
     """Watch one modeling module's eager attention; return the functions watched."""
+    from . import watch_softmax_outputs
+
     watched = []
     eager = getattr(module, "eager_attention_forward", None)
     if getattr(eager, "__code__", None) is not None and \
             "attn_weights" in eager.__code__.co_varnames:
         watched.append(get_local._watch(eager, ("attn_weights",), source="module",
                                         explicit=False, attention=True))
-        return watched
-    # No module-level eager function (transformers 4.x, and 5.x models that
-    # compute attention in their own methods: BLOOM, XLNet, ...): watch the
-    # local each attention class's methods store a softmax into.
-    from . import watch_softmax_outputs
-
-    return watch_softmax_outputs(get_local, module)
+    # Attention classes that compute their own softmax: every class of modules
+    # without a module-level eager function (transformers 4.x, and 5.x models
+    # such as BLOOM and XLNet), and those beside it (GIT's text attention, the
+    # BigBird-Pegasus encoder's full attention).  Classes that dispatch to
+    # eager_attention_forward store no softmax and are left alone.
+    return watched + watch_softmax_outputs(get_local, module)
 
 
 def on_sdpa_module(module):

@@ -533,9 +533,15 @@ def test_softmax_outputs_names_where_eager_attention_keeps_its_probabilities():
         out = q @ k
         return out
 
+    def init_style(self, nn):
+        self.softmax = nn.Softmax(dim=-1)  # an attribute: nothing to capture
+        size = 4
+        return size
+
     assert softmax_outputs(method_style.__code__) == ["probs"]
     assert softmax_outputs(functional_style.__code__) == ["weights"]
     assert softmax_outputs(no_softmax.__code__) == []
+    assert softmax_outputs(init_style.__code__) == []
 
 
 class _Probs:

@@ -105,11 +105,11 @@ def _softmax_stores(items):
         if instr.name.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL")) and \
                 isinstance(loaded, str) and _is_softmax(loaded):
             pending = True
-        elif pending:
+        elif pending and instr.name.startswith("STORE_"):
             stored = _compat.stored_names(instr.name, arg)
             if stored:
                 yield index, stored[0]
-                pending = False
+            pending = False  # else stored elsewhere: ``self.softmax = nn.Softmax(-1)``
 
 
 def collecting(code, hidden):

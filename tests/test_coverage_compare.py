@@ -117,3 +117,22 @@ def test_unit_axes_do_not_excuse_other_shapes():
     ref = _softmax(_scores(shape=(2, 1, 16)))
     unmatched, reason, _ = match_maps([ref], [ref.reshape(2, 16, 1, 1)[:, :8].copy()])
     assert unmatched == 1 and "not captured" in reason
+
+
+def test_the_report_names_why_a_known_miss_is_missed_and_only_where_it_is_missed():
+    from benchmarks.coverage._report import KNOWN, markdown
+
+    library, name = next(iter(KNOWN))
+    section = {"library": library, "versions": {library: "x", "torch": "y"}, "seconds": 60,
+               "date": "today", "results": [
+                   {"name": name, "status": "missed", "model": "M", "maps": 2, "captured": 1,
+                    "unmatched": 1, "reason": "1/2 maps unmatched"},
+                   {"name": "other", "status": "missed", "model": "N", "maps": 1, "captured": 0,
+                    "unmatched": 1, "reason": "1/1 maps unmatched"}]}
+    text = markdown([section])
+    row = next(line for line in text.splitlines() if line.startswith("| {} |".format(name)))
+    assert KNOWN[(library, name)] in row and "1/2 maps unmatched" in row
+    other = next(line for line in text.splitlines() if line.startswith("| other |"))
+    assert "**" not in other
+    section["results"][0]["status"] = "covered"
+    assert KNOWN[(library, name)] not in markdown([section])

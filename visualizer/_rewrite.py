@@ -157,12 +157,7 @@ def collecting(code, hidden):
     if start >= len(items):
         out.append(Instr("BUILD_LIST", 0, location=location))
         out.append(Instr("STORE_FAST", hidden, location=location))
-    bc.clear()
-    bc.extend(out)
-    try:
-        return bc.to_code()
-    except Exception as exc:
-        raise UnreadableCode(code, exc, "write") from exc
+    return _write(bc, out, code)
 
 
 def missing_names(code, names):
@@ -251,12 +246,7 @@ def rewrite(code, names, record, record_locals, source=None, overrides=None,
             out.extend(_instr(op, arg, item.location) for op, arg in ops)
             site += 1
         out.append(item)
-    bc.clear()
-    bc.extend(out)
-    try:
-        return bc.to_code()
-    except Exception as exc:
-        raise UnreadableCode(code, exc, "write") from exc
+    return _write(bc, out, code)
 
 
 class UnreadableCode(VisualizerTypeError):
@@ -301,6 +291,16 @@ def _read(code):
         return Bytecode.from_code(code)
     except Exception as exc:
         raise UnreadableCode(code, exc) from exc
+
+
+def _write(bc, items, code):
+    """``bc`` holding ``items`` instead, as a code object (``code`` names it in errors)."""
+    bc.clear()
+    bc.extend(items)
+    try:
+        return bc.to_code()
+    except Exception as exc:
+        raise UnreadableCode(code, exc, "write") from exc
 
 
 def _instr(name, arg, location):

@@ -302,7 +302,7 @@ def test_bert_in_a_full_graph_matches_output_attentions(gl, fresh_dynamo):
 def test_a_torch_without_effectful_custom_operators(gl, fresh_dynamo, monkeypatch):
     """The fallback: captured functions run eagerly at a graph break, with the right values."""
     torch = fresh_dynamo
-    from visualizer import _torch
+    from visualizer.integrations import compile as _torch
 
     monkeypatch.setattr(_torch, "_support", False)  # what _compile_support finds there
     Attention, model = small_model(torch)

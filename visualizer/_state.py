@@ -12,7 +12,7 @@ values to ``State.capture``, which dispatches events and stores.
 Rewritten code finds its recorders by name, in the built-in namespace, under
 names no one else uses (``__visualizer_record_7__``), rather than among its
 constants: TorchDynamo cannot trace code whose constants hold functions (see
-``_torch``).  A name is bound while its code object lives, so a call still
+``integrations.compile``).  A name is bound while its code object lives, so a call still
 running old code after a rewrite still finds the recorder it was made for.
 
 Threads, with the GIL or without it (free-threaded CPython, PEP 703).  The
@@ -60,7 +60,8 @@ import types
 import warnings
 import weakref
 
-from . import _imports, _rewrite, _store, _torch
+from . import _imports, _rewrite, _store
+from .integrations import compile as _compile
 from ._errors import CaptureWarning, VisualizerError
 from .events import AttentionEvent, Event, EventDispatcher, QKVEvent
 from .integrations import kernel
@@ -81,7 +82,7 @@ class Target:
         self.rewritten = None
         self.recorders = None  # (record, record_locals) of the rewritten code
         self.bound = ()        # the built-in names the rewritten code loads them by
-        self.slot = None       # set by _torch.prepare for compiled graphs
+        self.slot = None       # set by integrations.compile.prepare for compiled graphs
         self.compiled_in = weakref.WeakSet()  # code of frames dynamo compiled with ours inlined
         self.functions = weakref.WeakSet()
         self.warned = set()
@@ -90,7 +91,7 @@ class Target:
         self.attention = False  # its values are attention maps (queries=/heads= apply)
         self.maybe_unbound = False  # some return of the rewritten code may lack a name
         self.collect = False    # a preset's: every softmax the code stores (see ``collecting``)
-        _torch.note_code(code, self)
+        _compile.note_code(code, self)
 
     def takes_kernel(self):
         """Whether an attention kernel called by this function supplies its unbound name.
@@ -158,7 +159,7 @@ class Target:
                 _unbind(bound)
                 raise
             weakref.finalize(code, _unbind, bound)
-            _torch.note_code(code, self)
+            _compile.note_code(code, self)
             self.recorders, self.bound = (record, record_locals), bound
             self.maybe_unbound = bound[1] in code.co_names
             self.rewritten = code
@@ -381,7 +382,7 @@ class State:
         self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
         self.by_rewritten = {}  # id(rewritten code) -> (that code, Target)
         self.dynamo_hook = False
-        self.jit = _torch.JitGuard(self.is_captured)
+        self.jit = _compile.JitGuard(self.is_captured)
         self.jit_hook = False
         # (on, off): run as capture starts, stops
         self.switches = [(self.jit_on, self.jit.off), (self.seam_on, self.seam_off)]
@@ -592,13 +593,13 @@ class State:
                 return
             self.by_rewritten[id(new)] = (new, target)
             _bind_for(function, target.bound)
-            dynamo = _torch.dynamo_loaded()
-            traceable = dynamo and _torch.prepare(target, *target.recorders)
+            dynamo = _compile.dynamo_loaded()
+            traceable = dynamo and _compile.prepare(target, *target.recorders)
             function.__code__ = new
             if dynamo:
                 if not traceable:
-                    _torch.mark(function, new)
-                _torch.recompile(target)
+                    _compile.mark(function, new)
+                _compile.recompile(target)
         else:
             warnings.warn(
                 "get_local: {} no longer runs the code it had when it was decorated "
@@ -638,32 +639,32 @@ class State:
 
     def watch_dynamo(self):
         """Follow torch.compile now if TorchDynamo is imported, else once it is."""
-        if _torch.dynamo_loaded():
-            _torch.watch_compiles()
+        if _compile.dynamo_loaded():
+            _compile.watch_compiles()
         elif not self.dynamo_hook:
             self.dynamo_hook = True
             _imports.when_imported("torch._dynamo", _weakly(self, State.dynamo_imported))
 
     def dynamo_imported(self, module=None):
-        """Prepare every installed rewritten code for torch.compile (see ``_torch``)."""
-        _torch.watch_compiles()
+        """Prepare every installed rewritten code for torch.compile (see ``integrations.compile``)."""
+        _compile.watch_compiles()
         with self.lock:
             self.dynamo_hook = False
             for target in list(self.targets.values()):
-                if target.recorders is not None and _torch.prepare(target, *target.recorders):
+                if target.recorders is not None and _compile.prepare(target, *target.recorders):
                     continue
                 for function in list(target.functions):
                     if self.target_of(function.__code__) is target and \
                             function.__code__ is not target.code:
-                        _torch.mark(function, function.__code__)
+                        _compile.mark(function, function.__code__)
 
     def uninstall(self, target, function):
         code = function.__code__
         if code is not target.code and self.target_of(code) is target:
             function.__code__ = target.code
-            _torch.unmark(function)
-            if _torch.dynamo_loaded():
-                _torch.recompile(target)
+            _compile.unmark(function)
+            if _compile.dynamo_loaded():
+                _compile.recompile(target)
 
     def register(self, function, names, source, overrides=None, explicit=True,
                  attention=False, collect=False):

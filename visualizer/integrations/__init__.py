@@ -6,6 +6,8 @@
   and its eager-only models.
 * ``timm``: timm's attention classes that never reach the kernel.
 * ``torch``: ``nn.MultiheadAttention``'s fast path and its own weights.
+* ``compile``: what torch's compilers (``torch.compile``, TorchScript) need
+  from capture: rewritten code they can trace, and recompiling when it changes.
 
 Nothing here imports a library: each module acts when the library is
 imported by the user's code (``visualizer._imports``).  The next library is

@@ -246,7 +246,7 @@ def _script_as_the_kernel():
     compiles a model; meeting the seam (a Python function taking ``*args``) it
     would fail.  Registered like torch's own function, the scripted model calls
     ``aten::scaled_dot_product_attention`` and captures nothing, as TorchScript
-    never runs Python (``_torch.JitGuard`` says so).
+    never runs Python (``integrations.compile.JitGuard`` says so).
     """
     builtins = sys.modules.get("torch.jit._builtins")
     register = getattr(builtins, "_register_builtin", None)

@@ -24,8 +24,8 @@ import sys
 import warnings
 import weakref
 
-from ._errors import CaptureWarning
-from .integrations import kernel
+from .._errors import CaptureWarning
+from . import kernel
 
 _MARK = "_torchdynamo_disable"
 _MESSAGE = "_torchdynamo_disable_msg"  # shown by dynamo when the graph break is an error

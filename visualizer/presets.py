@@ -195,39 +195,39 @@ def _alternatives_callback(ref, applied, alternatives):
     return apply
 
 
-def _transformers_callback(ref, applied):
-    def apply(module):
-        get_local = ref()
-        if get_local is None or not _transformers.is_modeling_module(module.__name__):
-            return
-        try:
-            applied.functions.extend(_transformers.watch_modeling_module(get_local, module))
-        except (ValueError, TypeError) as exc:
-            warnings.warn(
-                "visualizer: the eager attention of {} cannot be watched ({}); its sdpa "
-                "path is still captured at the kernel. To capture its eager path, watch "
-                "the function that computes it with get_local.watch('module.function', "
-                "'variable').".format(module.__name__, exc), CaptureWarning, stacklevel=2)
-
-    apply.preset = "transformers"
-    return apply
-
-
-def _timm_callback(ref, applied):
+def _library_callback(ref, applied, preset, watch_module, still):
+    """The callback of a library's preset: ``watch_module(get_local, module)`` for each
+    module of the library as it is imported; if that fails, a warning says what is
+    still captured (``still``) and the functions watched so far stay watched."""
     def apply(module):
         get_local = ref()
         if get_local is None:
             return
         try:
-            applied.functions.extend(_timm.watch_module(get_local, module))
+            applied.functions.extend(watch_module(get_local, module))
         except (ValueError, TypeError) as exc:
-            warnings.warn(
-                "visualizer: the eager attention of {} cannot be watched ({}); its fused "
-                "path is still captured at the kernel.".format(module.__name__, exc),
-                CaptureWarning, stacklevel=2)
+            warnings.warn("visualizer: the eager attention of {} cannot be watched ({}); {}"
+                          .format(module.__name__, exc, still), CaptureWarning, stacklevel=2)
 
-    apply.preset = "timm"
+    apply.preset = preset
     return apply
+
+
+def _transformers_callback(ref, applied):
+    def watch_module(get_local, module):
+        if not _transformers.is_modeling_module(module.__name__):
+            return []
+        return _transformers.watch_modeling_module(get_local, module)
+
+    return _library_callback(
+        ref, applied, "transformers", watch_module,
+        "its sdpa path is still captured at the kernel. To capture its eager path, watch the "
+        "function that computes it with get_local.watch('module.function', 'variable').")
+
+
+def _timm_callback(ref, applied):
+    return _library_callback(ref, applied, "timm", _timm.watch_module,
+                             "its fused path is still captured at the kernel.")
 
 
 def _torch_callback(ref, applied):

@@ -70,3 +70,63 @@ ensure_target() {
     echo "$want" > "$dir/.stamp"
     echo "$dir"
 }
+
+# ensure_newest NAME PYTHON: print the path of a venv holding what a user's
+# `pip install -U ".[all]"` brings today: every extra of pyproject.toml with all their
+# dependencies, at the newest releases inside the extras' ranges (torch as this machine's
+# pip allows), plus the test tools of requirements-full.txt (its lines other than torch,
+# torchvision, timm and transformers).  Reused while pip, asked to upgrade everything in it
+# eagerly, would install nothing; made anew from scratch when any release in it is newer.
+# Says on one line why when it cannot be set up (a registry error, a release that cannot
+# install), and fails: it never passes on stale packages.  PYTHON must be 3.11 or newer.
+ensure_newest() {
+    local name="$1" python="$2"
+    local dir="$VENVS/$name" reqs="$VENVS/$name.requirements.txt" log="$VENVS/$name.log" n
+    "$python" - >"$reqs" <<'EOF' || { echo "$name: cannot read the extras of pyproject.toml" >&2; return 1; }
+import re, tomllib
+with open("pyproject.toml", "rb") as fh:
+    wanted = tomllib.load(fh)["project"]["optional-dependencies"]["all"]
+with open(".ci/requirements-full.txt") as fh:
+    tools = [line.strip() for line in fh if line.strip() and not line.startswith("#")
+             and not re.match(r"(torch|torchvision|timm|transformers)\b", line)]
+print("\n".join(sorted(set(wanted)) + tools))
+EOF
+    if [ -x "$dir/bin/python" ] && [ -f "$dir/.stamp" ] && \
+            [ "$(cat "$dir/.stamp")" = "$(sha256sum < "$reqs" | cut -c1-16)" ]; then
+        if ! "$dir/bin/python" -m pip install -q --dry-run --upgrade --upgrade-strategy eager \
+                --report "$dir/.report.json" -r "$reqs" >"$log" 2>&1; then
+            echo "$name: pip could not resolve the newest releases: $(grep -m1 -E '^ERROR' "$log" || tail -n 1 "$log")" >&2
+            return 1
+        fi
+        n="$("$dir/bin/python" -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["install"]))' "$dir/.report.json")"
+        if [ "$n" = 0 ]; then echo "$dir"; return 0; fi
+        echo "$name: $n newer release(s) since it was made; making it anew ..." >&2
+    else
+        echo "setting up $name (the newest releases; reused until one is newer) ..." >&2
+    fi
+    rm -rf "$dir"
+    if ! { "$python" -m venv "$dir" >"$log" 2>&1 &&
+           "$dir/bin/python" -m pip install -q --upgrade pip >>"$log" 2>&1 &&
+           "$dir/bin/python" -m pip install -q --upgrade -r "$reqs" >>"$log" 2>&1; }; then
+        echo "$name: could not install the newest releases: $(grep -m1 -E '^ERROR' "$log" || tail -n 1 "$log")" >&2
+        rm -rf "$dir"
+        return 1
+    fi
+    sha256sum < "$reqs" | cut -c1-16 > "$dir/.stamp"
+    echo "$dir"
+}
+
+# versions_of PYTHON PACKAGE...: "name version" of each package, on one line.
+versions_of() {
+    local python="$1"; shift
+    "$python" - "$@" <<'EOF'
+import importlib.metadata as md, sys
+found = []
+for name in sys.argv[1:]:
+    try:
+        found.append("{} {}".format(name, md.version(name)))
+    except md.PackageNotFoundError:
+        found.append("{} (not installed)".format(name))
+print(", ".join(found))
+EOF
+}

@@ -169,7 +169,7 @@ def test_run_failing_script_shows_its_traceback_and_saves(project, tmp_path):
     assert 'script.py", line 10, in <module>' in err
     assert "RuntimeError: boom from the script" in err
     # The traceback is the script's: no frame of the CLI or of runpy.
-    assert "cli.py" not in err and "runpy" not in err
+    assert "cli.py" not in err and "visualizer/cli" not in err and "runpy" not in err
     assert "the script raised RuntimeError; the 3 captures made before that were saved " \
            "to caps.npz" in err
     assert len(load(tmp_path / "caps.npz")["f"]) == 3

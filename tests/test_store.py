@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import require
-from visualizer._store import is_tensor, to_numpy
+from visualizer.storage.memory import is_tensor, to_numpy
 
 
 def test_plain_values_are_kept_as_they_are():

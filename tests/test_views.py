@@ -163,7 +163,7 @@ def test_repr_html_carries_the_page_in_a_sandboxed_iframe():
 
 def test_files_carry_the_context_and_old_files_still_load(tmp_path):
     from visualizer import get_local, views
-    from visualizer._files import load_context
+    from visualizer.storage.npz import load_context
 
     layers = layers_and_tokens()
     cache = {"Attention.forward": layers}

@@ -8,7 +8,8 @@ import contextlib
 import types
 import weakref
 
-from . import _resolve, _rewrite, _store, _stream
+from . import _resolve, _rewrite
+from .storage import memory as _store, stream as _stream
 from ._errors import VisualizerTypeError, VisualizerValueError
 from ._state import State
 
@@ -389,7 +390,7 @@ class GetLocal:
         >>> get_local.save('attention.npz')
         'attention.npz'
         """
-        from . import _ranks
+        from .storage import ranks as _ranks
 
         return _ranks.save(self._state.cache if cache is None else cache, path)
 
@@ -405,7 +406,7 @@ class GetLocal:
         >>> cache = get_local.load('attention.npz')
         >>> first = get_local.load('attention.npz', rank=0)
         """
-        from . import _ranks
+        from .storage import ranks as _ranks
 
         return _ranks.load(path, rank)
 

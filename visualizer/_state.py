@@ -60,7 +60,8 @@ import types
 import warnings
 import weakref
 
-from . import _imports, _rewrite, _store
+from . import _imports, _rewrite
+from .storage import memory as _store
 from .integrations import compile as _compile
 from ._errors import CaptureWarning, VisualizerError
 from .events import AttentionEvent, Event, EventDispatcher, QKVEvent

@@ -307,7 +307,7 @@ def save(path: Any, cache: Dict[str, list], *, tokens: Optional[Sequence[str]] =
 
     >>> views.save("caps.npz", cache, tokens=tokens)   # doctest: +SKIP
     """
-    from .._files import save_cache
+    from ..storage.npz import save_cache
 
     context = {}  # type: Dict[str, Any]
     if tokens is not None:
@@ -336,7 +336,7 @@ def load(path: Any):
 
     ``context`` is ``{}`` for files saved without it (``get_local.save``).
     """
-    from .._files import load_cache, load_context
+    from ..storage.npz import load_cache, load_context
 
     return load_cache(path), load_context(path)
 

@@ -19,7 +19,7 @@ import os
 import zipfile
 import zlib
 
-from ._errors import VisualizerTypeError, VisualizerValueError
+from .._errors import VisualizerTypeError, VisualizerValueError
 
 FORMAT = "visualizer-cache"
 VERSION = 1

@@ -30,8 +30,8 @@ import os
 import re
 import threading
 
-from . import _ranks, _store
-from ._errors import VisualizerTypeError, VisualizerValueError
+from . import memory as _store, ranks as _ranks
+from .._errors import VisualizerTypeError, VisualizerValueError
 
 FORMAT = "visualizer-stream"
 VERSION = 1

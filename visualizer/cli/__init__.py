@@ -37,8 +37,8 @@ import warnings
 import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import __version__, get_local
-from ._errors import VisualizerError, VisualizerValueError
+from .. import __version__, get_local
+from .._errors import VisualizerError, VisualizerValueError
 
 __all__ = ["main", "build_parser"]
 
@@ -334,7 +334,7 @@ def _cmd_demo(args: argparse.Namespace, say: _Say) -> int:
     say("wrote {} figures to {} in {:.0f} s".format(
         len(written), _display_dir(args.out), time.time() - started))
     if pages:
-        from .views import write_index
+        from ..views import write_index
 
         index = write_index(args.out, pages, written, title="visualizer demo")
         say("wrote {} interactive page{} and {}: open it in a browser".format(
@@ -357,7 +357,7 @@ def _display_dir(path: str) -> str:
 
 
 def _save(fig: Any, out: str, name: str, written: List[str]) -> None:
-    from .plotting import save_figure
+    from ..views.figures import save_figure
 
     written.append(save_figure(fig, os.path.join(out, name)))
 
@@ -387,7 +387,7 @@ def _demo_vit(out: str, say: _Say, pages: List[Tuple[str, str]]) -> List[str]:
     import timm
     import torch
 
-    from . import plotting
+    from ..views import figures as plotting
 
     model = _pretrained_vit(timm, say)
     note = ""
@@ -439,7 +439,7 @@ def _demo_vit(out: str, say: _Say, pages: List[Tuple[str, str]]) -> List[str]:
         title="{}: attention rollout of CLS over {} layers{}".format(label, last, note)),
         out, "vit_rollout.png", written)
 
-    from . import views
+    from .. import views
 
     page = views.image_view(layers, image, num_prefix_tokens=prefix,
                             title="{}: hover a patch{}".format(label, note.replace("\n", "; ")))
@@ -481,7 +481,7 @@ def _digits_vit(say: _Say) -> Tuple[str, Any, Any, Any, Any, str]:
     """Train the small digits ViT; ``(label, model, image, input, query patch, what)``."""
     import numpy as np
 
-    from ._demo_models import train_digits_vit
+    from .demo_models import train_digits_vit
 
     say("no pretrained {} weights in the Hugging Face cache: training a small ViT on "
         "scikit-learn's 8x8 digits instead (about 20 s) ...".format(VIT_LABEL))
@@ -552,7 +552,7 @@ def _demo_bert(out: str, say: _Say, pages: List[Tuple[str, str]]) -> List[str]:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from . import plotting
+    from ..views import figures as plotting
 
     say("capturing {} on {} sentences ...".format(BERT_LABEL, len(BERT_TEXT)))
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
@@ -580,7 +580,7 @@ def _demo_bert(out: str, say: _Say, pages: List[Tuple[str, str]]) -> List[str]:
         BERT_LABEL, len(attn), len(attn)), tokens=tokens),
         out, "bert_heads_layer{}.png".format(len(attn)), written)
 
-    from . import views
+    from .. import views
 
     title = "{}: {}".format(BERT_LABEL, " / ".join(BERT_TEXT))
     pages.append((views.model_view(layers, tokens, title=title).save(
@@ -886,7 +886,7 @@ def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
             args.file, " or ".join(repr(p) for p in args.key), ", ".join(cache)))
     _require("matplotlib", "plot")
 
-    from . import plotting
+    from ..views import figures as plotting
 
     say("plotting {} ...".format(args.file))
     written = []  # type: List[str]
@@ -942,8 +942,8 @@ def _plot_generation(key: str, values: list, args: argparse.Namespace, say: _Say
     The file has no module names, so layers are told apart by shape
     (``visualizer.generation.split_layers``); positions stand in for tokens.
     """
-    from . import plotting
-    from .generation import split_layers, stitch
+    from ..views import figures as plotting
+    from ..generation import split_layers, stitch
 
     try:
         layers = split_layers(values)
@@ -991,7 +991,7 @@ def _cmd_view(args: argparse.Namespace, say: _Say) -> int:
                      .format(args.file))
     if os.path.isdir(args.out):
         raise _error("--out {} is a folder; name the .html file to write".format(args.out))
-    from . import views
+    from .. import views
 
     cache, context = views.load(args.file)
     if not cache:

@@ -22,7 +22,7 @@ import sys
 import warnings
 import weakref
 
-from ._errors import VisualizerTypeError, VisualizerValueError
+from .._errors import VisualizerTypeError, VisualizerValueError
 
 KINDS = ("numpy", "tensor", "graph", "none")
 
@@ -154,7 +154,7 @@ class Storage:
         is the module that computed it (the rollout's layer).
         """
         if attention and self.reduce is not None and getattr(value, "ndim", 0) >= 2:
-            from .integrations.kernel import reduce_map
+            from ..integrations.kernel import reduce_map
 
             value = reduce_map(value, self.reduce, self.queries, self.heads, self.running,
                                source)

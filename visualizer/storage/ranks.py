@@ -19,7 +19,7 @@ import os
 import sys
 import warnings
 
-from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
+from .._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
 
 FORMAT = "visualizer-ranks"
 VERSION = 1
@@ -52,7 +52,7 @@ def rank_path(path, rank):
 
 def save(cache, path):
     """Save ``cache`` for this process; return the file written (see the module docstring)."""
-    from ._files import MANIFEST, _check_path, save_cache
+    from .npz import MANIFEST, _check_path, save_cache
 
     _check_path(path, "save")
     ranks = rank_and_world()
@@ -93,7 +93,7 @@ def manifest_of(path):
     """The manifest of a rank set saved at ``path``, or None for any other file."""
     import zipfile
 
-    from ._files import MANIFEST
+    from .npz import MANIFEST
 
     try:
         if not zipfile.is_zipfile(path):
@@ -113,8 +113,8 @@ def manifest_of(path):
 
 def load(path, rank=None):
     """Load a cache, a rank set or a stream folder (see ``GetLocal.load``)."""
-    from . import _stream
-    from ._files import _check_path, load_cache
+    from . import stream as _stream
+    from .npz import _check_path, load_cache
 
     _check_path(path, "load")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):

@@ -390,9 +390,9 @@ class GetLocal:
         >>> get_local.save('attention.npz')
         'attention.npz'
         """
-        from .storage import ranks as _ranks
+        from . import storage
 
-        return _ranks.save(self._state.cache if cache is None else cache, path)
+        return storage.save(self._state.cache if cache is None else cache, path)
 
     def load(self, path, rank=None):
         """Load what ``save`` or a stream wrote and return its cache (a dict of lists).
@@ -406,9 +406,9 @@ class GetLocal:
         >>> cache = get_local.load('attention.npz')
         >>> first = get_local.load('attention.npz', rank=0)
         """
-        from .storage import ranks as _ranks
+        from . import storage
 
-        return _ranks.load(path, rank)
+        return storage.load(path, rank)
 
     def __repr__(self):
         state = "active" if self.active else "inactive"

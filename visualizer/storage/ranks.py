@@ -50,20 +50,20 @@ def rank_path(path, rank):
     return "{}.rank{}{}".format(stem, rank, ext)
 
 
-def save(cache, path):
+def save(cache, path, context=None):
     """Save ``cache`` for this process; return the file written (see the module docstring)."""
     from .npz import MANIFEST, _check_path, save_cache
 
     _check_path(path, "save")
     ranks = rank_and_world()
     if ranks is None:
-        save_cache(cache, path)
+        save_cache(cache, path, context=context)
         return os.fspath(path)
     import numpy as np
 
     rank, world = ranks
     mine = rank_path(path, rank)
-    _atomically(mine, lambda tmp: save_cache(cache, tmp))
+    _atomically(mine, lambda tmp: save_cache(cache, tmp, context=context))
     manifest = {"format": FORMAT, "version": VERSION, "world_size": world,
                 "files": [os.path.basename(rank_path(path, r)) for r in range(world)]}
     blob = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)

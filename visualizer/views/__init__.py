@@ -307,7 +307,7 @@ def save(path: Any, cache: Dict[str, list], *, tokens: Optional[Sequence[str]] =
 
     >>> views.save("caps.npz", cache, tokens=tokens)   # doctest: +SKIP
     """
-    from ..storage.npz import save_cache
+    from .. import storage
 
     context = {}  # type: Dict[str, Any]
     if tokens is not None:
@@ -328,7 +328,7 @@ def save(path: Any, cache: Dict[str, list], *, tokens: Optional[Sequence[str]] =
         context["layers"] = [str(name) for name in layers]
     if title is not None:
         context["title"] = str(title)
-    save_cache(cache, path, context=context)
+    storage.save(cache, path, context=context)
 
 
 def load(path: Any):
@@ -336,9 +336,9 @@ def load(path: Any):
 
     ``context`` is ``{}`` for files saved without it (``get_local.save``).
     """
-    from ..storage.npz import load_cache, load_context
+    from .. import storage
 
-    return load_cache(path), load_context(path)
+    return storage.load(path), storage.load_context(path)
 
 
 def _attention_keys(cache):

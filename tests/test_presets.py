@@ -493,6 +493,7 @@ def test_presets_wait_for_the_import_and_import_nothing(tmp_path):
 
 def test_a_preset_that_does_not_match_warns_with_the_fix(gl, tmp_path, monkeypatch):
     from visualizer import presets as presets_module
+    from visualizer.integrations import Preset
 
     (tmp_path / "drifted_lib_xyz.py").write_text(textwrap.dedent("""
         class Attention:
@@ -501,14 +502,21 @@ def test_a_preset_that_does_not_match_warns_with_the_fix(gl, tmp_path, monkeypat
                 return probabilities
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    watch = presets_module.Watch("drifted_lib_xyz", "Attention.forward", ("attn",), family="drifted")
+
+    def apply(get_local, module):  # what a library's preset does: watch by name
+        return [get_local._watch(module.Attention.forward, ("attn",), explicit=False,
+                                 attention=True)], ()
+
+    preset = Preset("drifted", "drifted_lib_xyz.Attention.forward", waits_for="drifted_lib_xyz",
+                    apply=apply, still="its fused path is still captured at the kernel.")
     applied = presets_module._Applied()
-    callback = presets_module._alternatives_callback(weakref.ref(gl), applied, [watch])
+    callback = presets_module._callback(weakref.ref(gl), applied, preset)
     import drifted_lib_xyz
     try:
-        with pytest.warns(CaptureWarning, match=r"does not match the installed drifted .*"
-                                                r"no local variable 'attn'.*get_local.watch"):
+        with pytest.warns(CaptureWarning, match=r"eager attention of drifted_lib_xyz cannot be "
+                                                r"watched .*no local variable 'attn'.*"
+                                                r"still captured at the kernel"):
             callback(drifted_lib_xyz)
-        assert applied.functions == []
+        assert applied.functions == [] and applied.switches == []
     finally:
         del sys.modules["drifted_lib_xyz"]

@@ -517,7 +517,7 @@ def test_overrides_leave_method_calls_alone():
 
 
 def test_softmax_outputs_names_where_eager_attention_keeps_its_probabilities():
-    from visualizer._rewrite import softmax_outputs
+    from visualizer.integrations import softmax_outputs
 
     def method_style(q, k):
         scores = q @ k
@@ -576,9 +576,10 @@ def _collected(function, *args):
     import types
 
     from visualizer._rewrite import collecting, rewrite
+    from visualizer.integrations import is_softmax
 
     seen = []
-    code = rewrite(collecting(function.__code__, "maps"), ("maps",), seen.append,
+    code = rewrite(collecting(function.__code__, "maps", is_softmax), ("maps",), seen.append,
                    lambda frame_locals: seen.append(("unbound", sorted(frame_locals))))
     copy = types.FunctionType(code, function.__globals__, function.__name__,
                               function.__defaults__, function.__closure__)
@@ -639,6 +640,7 @@ def test_collecting_every_spelling_cells_and_back_to_back_stores():
 
 def test_collecting_under_exceptions_and_refusing_a_taken_name():
     from visualizer._rewrite import collecting
+    from visualizer.integrations import is_softmax
 
     def guarded(x, fail):
         try:
@@ -653,4 +655,4 @@ def test_collecting_under_exceptions_and_refusing_a_taken_name():
                                                      [[_Probs(("softmax", 1))]])
     assert _collected(guarded, _Probs(1), True) == (None, [[_Probs(("softmax", 1))]])
     with pytest.raises(ValueError, match="already a local"):
-        collecting(guarded.__code__, "attn")
+        collecting(guarded.__code__, "attn", is_softmax)

@@ -11,7 +11,7 @@ import weakref
 from . import _resolve, _rewrite
 from .storage import memory as _store, stream as _stream
 from ._errors import VisualizerTypeError, VisualizerValueError
-from ._state import State
+from ._state import PLUGINS, State
 
 
 class GetLocal:
@@ -39,7 +39,7 @@ class GetLocal:
     """
 
     def __init__(self):
-        self._state = State()
+        self._state = State(plugins=PLUGINS)
         self._in_memory = None  # the in-memory cache while configure(stream=...) is on
         # When this object goes, capture stops and the state lets go of its code.
         weakref.finalize(self, self._state.close)
@@ -89,10 +89,11 @@ class GetLocal:
         return self._watch(target, names, source, overrides)
 
     def _watch(self, target, names, source=None, overrides=None, explicit=True,
-               attention=False, collect=False):
+               attention=False, collect=None):
         """``watch``, also for presets: ``explicit=False`` marks a preset's target,
-        ``attention=True`` one whose values are attention maps, ``collect=True``
-        one that reports every softmax it stores (``_state.Target.collecting``)."""
+        ``attention=True`` one whose values are attention maps, ``collect`` (a
+        predicate of loaded names, such as ``integrations.is_softmax``) one that
+        reports every result of such a call it stores (``_state.Target.collecting``)."""
         if overrides is not None and not isinstance(overrides, dict):
             raise VisualizerTypeError(
                 "overrides must be a dict from attribute name to value, got {!r}".format(
@@ -316,10 +317,10 @@ class GetLocal:
         state = self._state
         scoped = _stream.open_writer(stream) if stream is not None else _store.Cache()
         with state.lock:
-            saved = (state.active, state.cache, state.storage, state.kernel_missed)
+            saved = (state.active, state.cache, state.storage, state.calls_missed)
             state.cache = scoped
             state.storage = storage
-            state.kernel_missed = {}
+            state.calls_missed = {}
             state.set_active(True)
         failed = True
         try:
@@ -327,8 +328,8 @@ class GetLocal:
             failed = False
         finally:
             with state.lock:
-                missed = state.kernel_missed
-                active, state.cache, state.storage, state.kernel_missed = saved
+                missed = state.calls_missed
+                active, state.cache, state.storage, state.calls_missed = saved
                 state.set_active(active)
             if stream is not None:
                 scoped.close()

@@ -120,3 +120,17 @@ _finder = _Finder()
 def _install():
     if _finder not in sys.meta_path:
         sys.meta_path.insert(0, _finder)
+
+
+def weakly(owner, method):
+    """A callback for ``when_imported`` that calls ``method(owner, module)`` without keeping ``owner`` alive."""
+    import weakref
+
+    ref = weakref.ref(owner)
+
+    def callback(module):
+        alive = ref()
+        if alive is not None:
+            method(alive, module)
+
+    return callback

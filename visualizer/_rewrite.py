@@ -72,30 +72,25 @@ def loaded_attributes(code):
             if attr is not None}
 
 
-def softmax_outputs(code):
-    """Return the locals ``code`` stores a softmax into, in order of first store.
+def stored_after(code, marks):
+    """Return the locals ``code`` stores the result of a marked call into, in order of first store.
 
-    A local counts when it is the first one stored after a ``softmax`` is
-    loaded (``x.softmax(-1)``, ``F.softmax(x, dim=-1)``, ``torch.softmax``,
-    ``nn.functional.softmax(...).to(dtype)``, ``self.softmax(x)`` of an
-    ``nn.Softmax``, DeBERTa's ``XSoftmax.apply(...)``; never ``log_softmax``):
-    how eager attention computes its probabilities.  Used to find the variable
-    to capture in attention code that names it in its own way.
+    A call is marked when the attribute or global name it loads (``x.name``,
+    ``module.name(...)``, ``name(...)``) satisfies ``marks(name)``; the local
+    counts when it is the first store after that load (``y = x.name(-1).to(t)``
+    stores into ``y``; ``self.name = ...`` stores no local and counts nothing).
+    What to mark is the caller's knowledge: ``visualizer.integrations``
+    marks softmaxes.
     """
     names = []
-    for _, name in _softmax_stores(list(_read(code))):
+    for _, name in _stores_after(list(_read(code)), marks):
         if name not in names:
             names.append(name)
     return names
 
 
-def _is_softmax(name):
-    lowered = name.lower()
-    return lowered.endswith("softmax") and not lowered.endswith(("logsoftmax", "log_softmax"))
-
-
-def _softmax_stores(items):
-    """``(index, local)`` of every store of a softmax result among ``items``."""
+def _stores_after(items, marks):
+    """``(index, local)`` of every store of a marked load's result among ``items``."""
     pending = False
     for index, instr in enumerate(items):
         if not isinstance(instr, Instr):
@@ -103,31 +98,30 @@ def _softmax_stores(items):
         arg = instr.arg
         loaded = arg[-1] if isinstance(arg, tuple) and arg and isinstance(arg[-1], str) else arg
         if instr.name.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL")) and \
-                isinstance(loaded, str) and _is_softmax(loaded):
+                isinstance(loaded, str) and marks(loaded):
             pending = True
         elif pending and instr.name.startswith("STORE_"):
             stored = _compat.stored_names(instr.name, arg)
             if stored:
                 yield index, stored[0]
-            pending = False  # else stored elsewhere: ``self.softmax = nn.Softmax(-1)``
+            pending = False  # else stored elsewhere: an attribute, not a local
 
 
-def collecting(code, hidden):
-    """Return a copy of ``code`` that appends every softmax it stores to a list local.
+def collecting(code, hidden, marks):
+    """Return a copy of ``code`` that appends every result of a marked call it stores to a list local.
 
     The new local ``hidden`` is bound to an empty list where the function
-    starts; each store of a softmax result (see ``softmax_outputs``) is
-    followed by appending the stored value, so a loop over heads (EfficientViT)
-    keeps every map and a softmax later remixed (CaiT's talking heads) is kept
-    as computed.  Pure bytecode, no call: ``LOAD_FAST hidden; LOAD_FAST name;
-    LIST_APPEND 1; POP_TOP``.  Rewrite the result with ``hidden`` as the name
-    to report.
+    starts; each store that ``stored_after(code, marks)`` finds is followed by
+    appending the stored value, so a store inside a loop keeps every value and
+    a value later changed is kept as it was stored.  Pure bytecode, no call:
+    ``LOAD_FAST hidden; LOAD_FAST name; LIST_APPEND 1; POP_TOP``.  Rewrite the
+    result with ``hidden`` as the name to report.
     """
     bc = _read(code)
     items = list(bc)
     if hidden in local_names(code):
         raise ValueError("{} is already a local of {}".format(hidden, code.co_name))
-    sites = dict(_softmax_stores(items))
+    sites = dict(_stores_after(items, marks))
     cells, frees = set(code.co_cellvars), set(code.co_freevars)
     start = next((k + 1 for k, i in enumerate(items)
                   if isinstance(i, Instr) and i.name == "RESUME"), 0)

@@ -12,8 +12,16 @@ values to ``State.capture``, which dispatches events and stores.
 Rewritten code finds its recorders by name, in the built-in namespace, under
 names no one else uses (``__visualizer_record_7__``), rather than among its
 constants: TorchDynamo cannot trace code whose constants hold functions (see
-``integrations.compile``).  A name is bound while its code object lives, so a call still
-running old code after a rewrite still finds the recorder it was made for.
+``visualizer.integrations.compile``).  A name is bound while its code object lives, so a
+call still running old code after a rewrite still finds the recorder it was made for.
+
+What the libraries need from capture plugs in from outside: an ``Extension``
+(``State.extend``) hears when capture starts and stops, when a function comes
+under capture, and when its code is made, installed or removed.  The core
+imports none of them: like pytest's built-in plugins, they are named in
+``PLUGINS`` and imported by name the first time a state is used, each
+module's ``plug_in(state)`` extending it (``visualizer.integrations``: the
+attention kernel seam and torch's compilers).
 
 Threads, with the GIL or without it (free-threaded CPython, PEP 703).  The
 design does not lean on the GIL for atomicity of our own steps; what protects
@@ -23,7 +31,7 @@ what:
   and how: ``targets`` and ``by_rewritten``, installing and removing code
   (the ``__code__`` assignments), ``active`` and ``fast`` with the
   ``switches`` they run (``set_active``, ``register``, ``unregister``,
-  ``add_switch``, ``remove_switch``, ``close``, ``dynamo_imported``), and the
+  ``add_switch``, ``remove_switch``, ``extend``, ``close``), and the
   swaps of ``cache`` and ``storage`` by ``GetLocal.configure`` and
   ``GetLocal.capture``.  Re-entrant, because a switch or an import callback
   may register while it is held.
@@ -42,17 +50,19 @@ what:
   listeners in a tuple replaced whole, so ``dispatch`` walks a snapshot;
   ``listen`` and ``remove`` themselves are not serialised (add handlers from
   one thread at a time).
-* Kernel calls (``integrations.kernel``): the probabilities a kernel call
-  leaves for the frame of a captured function wait in ``State.stash_local``,
-  a ``threading.local``, so each thread sees only its own frames and no lock
-  is needed; ``seam_off`` replaces it whole.  ``kernel._lock`` guards the
-  seam's own tables (the states it serves, where torch's function was put).
+* Attention calls delivered from outside the function (an attention kernel
+  that an extension watches, see ``capture_call``): the probabilities a call
+  leaves for the frame of a captured function wait in ``State.supplied``, a
+  ``threading.local``, so each thread sees only its own frames and no lock is
+  needed; ``drop_supplied`` replaces it whole.  Extensions guard their own
+  tables.
 * ``_imports`` has its own lock for the callbacks that wait for an import.
 
 The code rewriting itself is the pure function ``_rewrite.rewrite``; the
 public face is ``_get_local.GetLocal``.
 """
 import builtins
+import importlib
 import itertools
 import sys
 import threading
@@ -60,12 +70,44 @@ import types
 import warnings
 import weakref
 
-from . import _imports, _rewrite
-from .storage import memory as _store
-from .integrations import compile as _compile
+from . import _rewrite
 from ._errors import CaptureWarning, VisualizerError
 from .events import AttentionEvent, Event, EventDispatcher, QKVEvent
-from .integrations import kernel
+from .storage import memory as _store
+
+# Modules whose ``plug_in(state)`` extends every state on its first use (see ``Extension``).
+PLUGINS = ("visualizer.integrations",)
+
+
+class Extension:
+    """What code outside the core adds to capture; each hook is optional.
+
+    Added with ``State.extend``.  The hooks run under ``State.lock``:
+
+    * ``start(state)`` and ``stop(state)``: capture turns on, off;
+    * ``target_made(target)``: a function's code comes under capture;
+    * ``code_made(target, code)``: ``target``'s rewritten code was made;
+    * ``installed(target, function)``: ``function`` now runs the rewritten code;
+    * ``removed(target, function)``: ``function`` runs its original code again.
+    """
+
+    def start(self, state):
+        pass
+
+    def stop(self, state):
+        pass
+
+    def target_made(self, target):
+        pass
+
+    def code_made(self, target, code):
+        pass
+
+    def installed(self, target, function):
+        pass
+
+    def removed(self, target, function):
+        pass
 
 
 class Target:
@@ -83,40 +125,39 @@ class Target:
         self.rewritten = None
         self.recorders = None  # (record, record_locals) of the rewritten code
         self.bound = ()        # the built-in names the rewritten code loads them by
-        self.slot = None       # set by integrations.compile.prepare for compiled graphs
-        self.compiled_in = weakref.WeakSet()  # code of frames dynamo compiled with ours inlined
         self.functions = weakref.WeakSet()
         self.warned = set()
         self.explicit = False   # watched or decorated by the user, not only by a preset
         self.watched = False    # named to get_local.watch by the user
         self.attention = False  # its values are attention maps (queries=/heads= apply)
         self.maybe_unbound = False  # some return of the rewritten code may lack a name
-        self.collect = False    # a preset's: every softmax the code stores (see ``collecting``)
-        _compile.note_code(code, self)
+        # A preset's: a predicate of loaded names; every result of a call to one
+        # that the code stores is reported (see ``collecting``).
+        self.collect = None
 
-    def takes_kernel(self):
-        """Whether an attention kernel called by this function supplies its unbound name.
+    def takes_calls(self):
+        """Whether an attention call made inside this function supplies its unbound name.
 
-        A function whose fused path calls the kernel and whose eager path
-        computes the probabilities itself (a softmax) leaves its variable
-        unbound on the fused path: timm's ``Attention.forward`` and ``attn``.
-        Such a function, watched by a preset or by the user, gets the kernel's
-        probabilities instead (see ``State.take_stash``), under its own key.
+        A function whose fused path calls an attention kernel and whose eager
+        path computes the probabilities itself leaves its variable unbound on
+        the fused path: timm's ``Attention.forward`` and ``attn``.  Such a
+        function, watched by a preset or by the user, gets the call's
+        probabilities instead (see ``State.take_supplied``), under its own key.
         """
         return (self.maybe_unbound or self.collecting) and bool(self.names) and (
-            self.attention or (self.explicit and "softmax" in self.code.co_names))
+            self.attention or (self.explicit and self.state.computes_attention(self.code)))
 
     @property
     def collecting(self):
-        """Whether the rewritten code reports every softmax it stores, not ``names``.
+        """Whether the rewritten code reports every marked result it stores, not ``names``.
 
         A preset's attention target in code that names its probabilities in
-        its own way (``integrations.watch_softmax_outputs``) reports each
-        softmax result as it is stored: every head of a loop over heads, and
-        the probabilities before a later mixing of heads.  Once the user
-        watches the function by name, it reports their names instead.
+        its own way reports each result of a marked call (a softmax, told by
+        ``visualizer.integrations``) as it is stored: every head of a loop over
+        heads, and the probabilities before a later mixing of heads.  Once the
+        user watches the function by name, it reports their names instead.
         """
-        return self.collect and not self.explicit
+        return self.collect is not None and not self.explicit
 
     def runs(self, code):
         """Whether ``code`` is this target's original code or one of its rewritten codes."""
@@ -151,7 +192,8 @@ class Target:
             try:
                 code, names = self.code, self.names
                 if self.collecting:
-                    code, names = _rewrite.collecting(code, _COLLECTED), (_COLLECTED,)
+                    code, names = _rewrite.collecting(code, _COLLECTED, self.collect), \
+                        (_COLLECTED,)
                 code = _rewrite.rewrite(
                     code, names, _rewrite.Global(bound[0]),
                     _rewrite.Global(bound[1]), source=self.source,
@@ -160,8 +202,8 @@ class Target:
                 _unbind(bound)
                 raise
             weakref.finalize(code, _unbind, bound)
-            _compile.note_code(code, self)
             self.recorders, self.bound = (record, record_locals), bound
+            self.state.notify("code_made", self, code)
             self.maybe_unbound = bound[1] in code.co_names
             self.rewritten = code
         return self.rewritten
@@ -187,7 +229,7 @@ _MISSING = object()
 
 _BUILTINS = builtins.__dict__
 _LOCALS = "__visualizer_locals__"  # the built-in locals(), under a name no module shadows
-_COLLECTED = "__visualizer_softmax_outputs__"  # the list local of a collecting target
+_COLLECTED = "__visualizer_collected__"  # the list local of a collecting target
 _serial = itertools.count(1)
 _elsewhere = {}  # bound name -> other built-in namespaces it was also put in
 
@@ -238,10 +280,10 @@ def make_record_locals(target):
     def record_locals(frame_locals):
         try:
             missing = [n for n in target.names if n not in frame_locals]
-            supplied = state.take_stash(sys._getframe(1)) if state.stashed else None
+            supplied = state.take_supplied(sys._getframe(1)) if state.supplying else None
             if supplied and not missing and target.attention and not target.explicit and \
                     frame_locals[target.names[0]] is None:
-                missing = [target.names[0]]  # None on a fused path: the kernel supplies it
+                missing = [target.names[0]]  # None on a fused path: an attention call supplies it
             if missing:
                 if state.active:
                     if supplied and len(missing) == 1:
@@ -249,7 +291,7 @@ def make_record_locals(target):
                         return
                     if target.explicit or not target.attention:
                         # A preset's eager variable is unbound on the fused path by
-                        # design: the kernel seam captures that path.
+                        # design: the attention calls made there are captured.
                         target.warn_unbound(missing)
                 return
             values = [frame_locals[n] for n in target.names]
@@ -285,8 +327,8 @@ def make_record(state, target):
     lock = state.store_lock
     failed = state.capture_failed
     # A preset's attention variable holds None where a library's fused path
-    # sets it so (Falcon's ``attention_scores``): the kernel seam captures that
-    # call, so None is no capture.
+    # sets it so (Falcon's ``attention_scores``): the attention call made there
+    # is captured, so None is no capture.
     skip_none = target.attention and not target.explicit
     if target.collecting:
         def record(*args):  # (maps) or (source, maps): the softmax results it stored
@@ -294,8 +336,8 @@ def make_record(state, target):
                 source = args[0] if len(args) == 2 else None
                 for probs in args[-1]:
                     state.capture(target, source, (probs,))
-                if state.stashed:  # the kernel calls made inside it
-                    for probs in state.take_stash(sys._getframe(1)) or ():
+                if state.supplying:  # the attention calls made inside it
+                    for probs in state.take_supplied(sys._getframe(1)) or ():
                         state.store(target, source, (probs,))
             except Exception as exc:
                 failed(target, exc)
@@ -308,8 +350,8 @@ def make_record(state, target):
                     source = args[0] if len(args) == 2 else None
                     if args[-1] is not None:
                         state.capture(target, source, args[-1:])
-                    elif state.stashed:  # None on a fused path: the kernel's calls supply it
-                        for probs in state.take_stash(sys._getframe(1)) or ():
+                    elif state.supplying:  # None on a fused path: attention calls supply it
+                        for probs in state.take_supplied(sys._getframe(1)) or ():
                             state.store(target, source, (probs,))
                 except Exception as exc:
                     failed(target, exc)
@@ -372,7 +414,7 @@ def make_record(state, target):
 class State:
     """Everything that changes at run time, shared by all recorders."""
 
-    def __init__(self):
+    def __init__(self, plugins=()):
         self.active = False
         self.fast = False
         self.cache = _store.Cache()
@@ -382,17 +424,43 @@ class State:
         self.store_lock = threading.Lock()
         self.targets = {}       # id(original code) -> _Target (which keeps the code alive)
         self.by_rewritten = {}  # id(rewritten code) -> (that code, Target)
-        self.dynamo_hook = False
-        self.jit = _compile.JitGuard(self.is_captured)
-        self.jit_hook = False
-        # (on, off): run as capture starts, stops
-        self.switches = [(self.jit_on, self.jit.off), (self.seam_on, self.seam_off)]
+        self.switches = []      # (on, off): run as capture starts, stops
+        self.extensions = []    # Extension objects (see ``extend``)
+        self.plugins = plugins  # module names still to plug in (see ``PLUGINS``)
+        self.attention_marks = []  # predicates of names that compute attention (a softmax)
         self.failed = set()
-        self.kernel = False       # the 'kernel' preset: keep every attention kernel call
-        self.kernel_missed = {}   # qualname -> kernel calls that nothing took, this capture
-        self.seam_hook = False
-        self.stash_local = threading.local()  # per thread: id(frame) -> (code, [probabilities])
-        self.stashed = False
+        self.keep_calls = False   # keep every attention call that no watched function takes
+        self.calls_missed = {}    # (call's name, qualname) -> calls nothing took, this capture
+        self.supplied = threading.local()  # per thread: id(frame) -> (code, [probabilities])
+        self.supplying = False
+
+    # -- extensions ---------------------------------------------------------------
+
+    def plug_in(self):
+        """Import the plugin modules not plugged in yet and let each extend this state."""
+        with self.lock:
+            plugins, self.plugins = self.plugins, ()
+            for name in plugins:
+                importlib.import_module(name).plug_in(self)
+
+    def extend(self, extension):
+        """Add an ``Extension``: it hears of every target and switch from now on (and now)."""
+        with self.lock:
+            self.extensions.append(extension)
+            self.add_switch(lambda: extension.start(self), lambda: extension.stop(self))
+            for target in list(self.targets.values()):
+                extension.target_made(target)
+                if target.rewritten is not None:
+                    extension.code_made(target, target.rewritten)
+
+    def notify(self, hook, *args):
+        """Call ``hook`` (an ``Extension`` method's name) of every extension."""
+        for extension in self.extensions:
+            getattr(extension, hook)(*args)
+
+    def computes_attention(self, code):
+        """Whether ``code`` calls something that computes attention (see ``attention_marks``)."""
+        return any(mark(name) for name in code.co_names for mark in self.attention_marks)
 
     def refresh(self):
         """Recompute ``fast``: can recorders skip events, transforms and bounds?"""
@@ -408,18 +476,22 @@ class State:
                 self.events.dispatch(Event(key, target.qualname, name, value, source))
         self.store(target, source, values)
 
-    # -- the attention kernel seam (``integrations.kernel``) ---------------------------
+    # -- attention calls delivered from outside the function ---------------------------
 
-    def capture_kernel(self, key, qualname, source, call, owner=None):
-        """Take one attention kernel call.
+    def capture_call(self, key, qualname, source, call, owner=None):
+        """Take one attention call (an extension's, e.g. the kernel seam's).
 
+        ``call`` has ``query``, ``key`` and ``value`` and computes its
+        probabilities on demand: ``call.probabilities(queries, heads, graph)``
+        and ``call.reduced(reduce, queries, heads, graph, running, owner)``.
         ``owner``: None, or ``(target, frame, source)`` when a watched function
         takes the probabilities (its running ``frame``, whose unbound variable
         they supply when it returns, or None to capture into it now).
-        Otherwise the call is stored under ``key`` when the 'kernel' preset is
-        on.  ``QKVEvent`` and ``AttentionEvent`` go to the listeners either way;
-        the probabilities are computed only if stored or read.  A call nothing
-        takes is counted for the warning at the end of ``capture()``.
+        Otherwise the call is stored under ``key`` when ``keep_calls`` is on
+        (the 'kernel' preset).  ``QKVEvent`` and ``AttentionEvent`` go to the
+        listeners either way; the probabilities are computed only if stored
+        or read.  A call nothing takes is counted for the warning at the end
+        of ``capture()``.
         """
         storage = self.storage
         target = frame = None
@@ -428,11 +500,12 @@ class State:
             key, qualname = target.keys[0], target.qualname
             if frame is not None and target.source is not None:
                 source = frame.f_locals.get(target.source)
-        store = storage.kind != "none" and (target is not None or self.kernel)
+        store = storage.kind != "none" and (target is not None or self.keep_calls)
         listened = len(self.events)
         if not store and not listened:
             if target is None:
-                self.kernel_missed[qualname] = self.kernel_missed.get(qualname, 0) + 1
+                missed = (getattr(call, "name", "attention"), qualname)
+                self.calls_missed[missed] = self.calls_missed.get(missed, 0) + 1
             return
         # A preset's attention target selects queries= and heads= when it stores.
         selection = (None, None) if target is not None and target.attention else (
@@ -440,8 +513,8 @@ class State:
         graph = storage.kind == "graph"
         reduce = storage.reduce if target is None or not target.attention else None
         if store and reduce is not None:  # computed in blocks of rows, never in full
-            probs = kernel.reduced(call, reduce, selection[0], selection[1], graph,
-                                   storage.running, source)
+            probs = call.reduced(reduce, selection[0], selection[1], graph, storage.running,
+                                 source)
         else:
             probs = call.probabilities(selection[0], selection[1], graph) if store else None
         if listened:
@@ -455,27 +528,27 @@ class State:
         if not store:
             return
         if target is None:
-            self.store(_kernel_target(key, qualname, source is not None), source, (probs,))
+            self.store(_call_target(key, qualname, source is not None), source, (probs,))
         elif frame is not None:
-            self.stash_kernel(frame, target, probs)
+            self.supply(frame, target, probs)
         else:
             self.store(target, source, (probs,))
 
-    def stash_kernel(self, frame, target, probs):
-        """Keep a kernel call's probabilities for the running ``frame`` of ``target``."""
-        entries = getattr(self.stash_local, "entries", None)
+    def supply(self, frame, target, probs):
+        """Keep an attention call's probabilities for the running ``frame`` of ``target``."""
+        entries = getattr(self.supplied, "entries", None)
         if entries is None:
-            entries = self.stash_local.entries = {}
+            entries = self.supplied.entries = {}
         entry = entries.get(id(frame))
         if entry is None or entry[0] is not frame.f_code:
             entries[id(frame)] = (frame.f_code, [probs])
         else:
             entry[1].append(probs)
-        self.stashed = True
+        self.supplying = True
 
-    def take_stash(self, frame):
-        """The probabilities kernel calls made inside ``frame`` (now returning), or None."""
-        entries = getattr(self.stash_local, "entries", None)
+    def take_supplied(self, frame):
+        """The probabilities attention calls made inside ``frame`` (now returning), or None."""
+        entries = getattr(self.supplied, "entries", None)
         if not entries:
             return None
         entry = entries.pop(id(frame), None)
@@ -483,47 +556,33 @@ class State:
             return None
         return entry[1]
 
-    def capture_supplied(self, target, frame_locals, name, supplied):
-        """Store one call of ``target`` per kernel call, the kernel giving ``name``.
+    def drop_supplied(self):
+        """Forget every probability waiting for a frame (capture stopped)."""
+        self.supplied = threading.local()
+        self.supplying = False
 
-        The kernel call dispatched its events already.
+    def capture_supplied(self, target, frame_locals, name, supplied):
+        """Store one call of ``target`` per attention call, the call giving ``name``.
+
+        The attention call dispatched its events already.
         """
         source = None if target.source is None else frame_locals.get(target.source)
         for probs in supplied:
             self.store(target, source, [probs if n == name else frame_locals[n]
                                         for n in target.names])
 
-    def seam_on(self):
-        torch = sys.modules.get("torch")
-        if torch is not None and hasattr(torch, "nn") and hasattr(torch.nn, "functional"):
-            kernel.install(self)
-            self.watch_dynamo()
-        elif not self.seam_hook:
-            self.seam_hook = True
-            _imports.when_imported("torch", _weakly(self, State.seam_on_import))
-
-    def seam_on_import(self, torch):
-        self.seam_hook = False
-        if self.active:
-            kernel.install(self)
-            self.watch_dynamo()
-
-    def seam_off(self):
-        kernel.uninstall(self)
-        self.stash_local = threading.local()
-        self.stashed = False
-
     def report_silent(self, cache, missed):
         """Warn about what ran while capturing into ``cache`` but left nothing there."""
         if missed:
             calls = sum(missed.values())
-            where = ", ".join("{} x{}".format(q, n) for q, n in sorted(missed.items())[:6])
+            what = ", ".join(sorted({name for name, _ in missed}))
+            where = ", ".join("{} x{}".format(q, n) for (_, q), n in sorted(missed.items())[:6])
             warnings.warn(
-                "visualizer: {} attention kernel call{} (scaled_dot_product_attention, from "
+                "visualizer: {} attention kernel call{} ({}, from "
                 "{}) ran while capturing, but nothing captured {}: call "
                 "get_local.watch_attention() (or watch_attention(['kernel'])) before running "
                 "the model to capture every attention map.".format(
-                    calls, "s" if calls > 1 else "", where, "them" if calls > 1 else "it"),
+                    calls, "s" if calls > 1 else "", what, where, "them" if calls > 1 else "it"),
                 CaptureWarning, stacklevel=4)
         silent = []
         with self.lock:
@@ -594,13 +653,8 @@ class State:
                 return
             self.by_rewritten[id(new)] = (new, target)
             _bind_for(function, target.bound)
-            dynamo = _compile.dynamo_loaded()
-            traceable = dynamo and _compile.prepare(target, *target.recorders)
             function.__code__ = new
-            if dynamo:
-                if not traceable:
-                    _compile.mark(function, new)
-                _compile.recompile(target)
+            self.notify("installed", target, function)
         else:
             warnings.warn(
                 "get_local: {} no longer runs the code it had when it was decorated "
@@ -611,17 +665,6 @@ class State:
         """Whether ``function`` runs code under capture (of at least one name)."""
         target = self.target_of(function.__code__)
         return target is not None and bool(target.names)
-
-    def jit_on(self):
-        if "torch" in sys.modules:
-            self.jit.on()
-        elif not self.jit_hook:
-            self.jit_hook = True
-            _imports.when_imported("torch", _weakly(self, State.jit_on_import))
-
-    def jit_on_import(self, torch):
-        if self.active:
-            self.jit.on(torch)
 
     def close(self):
         """Capture off for good and forget every target (its ``GetLocal`` is gone).
@@ -638,54 +681,33 @@ class State:
             self.by_rewritten.clear()
             self.switches.clear()
 
-    def watch_dynamo(self):
-        """Follow torch.compile now if TorchDynamo is imported, else once it is."""
-        if _compile.dynamo_loaded():
-            _compile.watch_compiles()
-        elif not self.dynamo_hook:
-            self.dynamo_hook = True
-            _imports.when_imported("torch._dynamo", _weakly(self, State.dynamo_imported))
-
-    def dynamo_imported(self, module=None):
-        """Prepare every installed rewritten code for torch.compile (see ``integrations.compile``)."""
-        _compile.watch_compiles()
-        with self.lock:
-            self.dynamo_hook = False
-            for target in list(self.targets.values()):
-                if target.recorders is not None and _compile.prepare(target, *target.recorders):
-                    continue
-                for function in list(target.functions):
-                    if self.target_of(function.__code__) is target and \
-                            function.__code__ is not target.code:
-                        _compile.mark(function, function.__code__)
-
     def uninstall(self, target, function):
         code = function.__code__
         if code is not target.code and self.target_of(code) is target:
             function.__code__ = target.code
-            _compile.unmark(function)
-            if _compile.dynamo_loaded():
-                _compile.recompile(target)
+            self.notify("removed", target, function)
 
     def register(self, function, names, source, overrides=None, explicit=True,
-                 attention=False, collect=False):
+                 attention=False, collect=None):
         """Put ``function`` under capture of ``names``; install now if active.
 
         ``explicit``: the user asked for it (not only a preset); ``attention``:
-        its values are attention maps; ``collect``: report every softmax it
-        stores while only presets watch it (``Target.collecting``).
+        its values are attention maps; ``collect``: a predicate of loaded names
+        (a softmax): report every result of such a call it stores while only
+        presets watch it (``Target.collecting``).
 
         If the code cannot be rewritten (``_rewrite.UnreadableCode``) while
         active, the error is raised and nothing is registered or changed.
         """
         with self.lock:
+            if self.plugins:
+                self.plug_in()
             code = function.__code__
             target = self.target_of(code)
             created = target is None
             if created:
                 target = Target(self, code, function.__qualname__, names, source,
                                  function.__module__)
-                self.watch_dynamo()
             saved = (target.names, target.keys, dict(target.overrides), target.rewritten,
                      target.collect)
             target.add_names(names)
@@ -706,6 +728,7 @@ class State:
                     raise
             if created:
                 self.targets[id(code)] = target
+                self.notify("target_made", target)
             for key in saved[1]:
                 if key not in target.keys and not self.cache.get(key, True):
                     del self.cache[key]
@@ -746,6 +769,8 @@ class State:
 
     def set_active(self, active):
         with self.lock:
+            if active and self.plugins:
+                self.plug_in()
             changed = active != self.active
             self.active = active
             self.refresh()
@@ -766,8 +791,8 @@ class State:
                         break
 
 
-class _KernelKey:
-    """What ``State.store`` needs to know of a kernel capture's key."""
+class _CallKey:
+    """What ``State.store`` needs to know of the key of an attention call nothing took."""
 
     __slots__ = ("keys", "names", "qualname", "source", "attention")
 
@@ -779,23 +804,11 @@ class _KernelKey:
         self.attention = False  # queries= and heads= were applied before computing
 
 
-_kernel_keys = {}
+_call_keys = {}
 
 
-def _kernel_target(key, qualname, has_source):
-    found = _kernel_keys.get((key, has_source))
+def _call_target(key, qualname, has_source):
+    found = _call_keys.get((key, has_source))
     if found is None:
-        found = _kernel_keys[(key, has_source)] = _KernelKey(key, qualname, has_source)
+        found = _call_keys[(key, has_source)] = _CallKey(key, qualname, has_source)
     return found
-
-
-def _weakly(state, method):
-    """A callback for ``_imports`` that does not keep ``state`` alive."""
-    ref = weakref.ref(state)
-
-    def callback(module):
-        alive = ref()
-        if alive is not None:
-            method(alive, module)
-
-    return callback

@@ -32,58 +32,23 @@ by your code (or at once if it already is).  The families:
                torch does.
 =============  ==============================================================
 
-Every family also turns the kernel seam on: the families above are what the
-seam cannot see.  Nothing is switched to an eager path, so a model keeps its
-output; the one exception is the MHA fast path, whose results can differ
-from the Python path's in the last bits.
+The kernel seam is in place whenever capture is on; every family also keeps
+the kernel calls that no watched function takes, under the calling module's
+method.  Nothing is switched to an eager path, so a model keeps its output;
+the one exception is the MHA fast path, whose results can differ from the
+Python path's in the last bits.  Each family is a ``Preset`` defined by its
+library's module in ``visualizer.integrations``.
 """
 import warnings
 import weakref
 
 from . import _imports
 from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
-from .integrations import timm as _timm
-from .integrations import torch as _torch_integration
-from .integrations import transformers as _transformers
+from .integrations import presets as _presets
 
-__all__ = ["FAMILIES", "TRANSFORMERS_FAMILIES", "Watch", "watch_attention", "unwatch_attention"]
+__all__ = ["FAMILIES", "watch_attention", "unwatch_attention"]
 
-
-class Watch:
-    """One function to watch: its module, qualname, variables and overrides."""
-
-    def __init__(self, module, qualname, names=(), overrides=None, source=None, family=""):
-        self.module = module
-        self.qualname = qualname
-        self.names = tuple(names)
-        self.overrides = overrides
-        self.source = source
-        self.family = family
-
-    @property
-    def path(self):
-        return "{}.{}".format(self.module, self.qualname)
-
-    def __repr__(self):
-        return "Watch({!r}, {})".format(self.path, ", ".join(map(repr, self.names)))
-
-
-# transformers families checked in the tests against output_attentions under
-# eager, on their default (sdpa) path and on eager; every other modeling
-# module is watched the same way.
-TRANSFORMERS_FAMILIES = ("bert", "roberta", "distilbert", "vit", "gpt2", "llama", "mistral",
-                         "qwen2", "t5", "clip")
-
-# Each family is a list of entries: "kernel", "transformers", "torch", or a
-# list of alternative Watch objects for one function (the first that matches
-# the installed code is used; a trailing None means "nothing to do if none
-# matches", otherwise a mismatch is warned about).
-FAMILIES = {
-    "kernel": ["kernel"],
-    "timm": ["timm"],
-    "transformers": ["transformers"],
-    "torch": ["torch"],
-}
+FAMILIES = tuple(_presets())  # the family names, in the order they apply
 
 
 class _Applied:
@@ -103,8 +68,9 @@ def watch_attention(get_local, families=None):
 
     Returns the dotted paths that are watched now or will be when imported.
     ``families`` limits it to some of ``FAMILIES`` (``'kernel'``, ``'timm'``,
-    ``'transformers'``, ``'torch'``; one name or a list); each turns the
-    kernel seam on.  Calling it again changes nothing.
+    ``'transformers'``, ``'torch'``; one name or a list); each keeps the
+    kernel calls that no watched function takes.  Calling it again changes
+    nothing.
     """
     if isinstance(families, str):
         families = [families]
@@ -119,43 +85,27 @@ def watch_attention(get_local, families=None):
             "watch_attention: unknown families {}; known: {}".format(
                 ", ".join(map(repr, unknown)), ", ".join(map(repr, FAMILIES))))
     applied = _applied.setdefault(get_local, _Applied())
-    get_local._state.kernel = True
-    ref = weakref.ref(get_local)  # waiting callbacks must not keep get_local alive
+    get_local._state.keep_calls = True
     paths = []
     for family in chosen:
-        for entry in FAMILIES[family]:
-            if entry == "kernel":
-                paths.append("torch.nn.functional.scaled_dot_product_attention")
-                continue
-            if entry == "torch":
-                paths.append("torch.nn.MultiheadAttention.forward")
-                callback, module = _torch_callback(ref, applied), "torch"
-            elif entry == "transformers":
-                paths.append("transformers.models.*.modeling_*.eager_attention_forward")
-                callback, module = _transformers_callback(ref, applied), None
-            elif entry == "timm":
-                paths.append("timm.*: the softmax output of each attention class")
-                callback, module = _timm_callback(ref, applied), None
-            else:
-                first = next(w for w in entry if w is not None)
-                paths.append(first.path)
-                callback = _alternatives_callback(ref, applied, entry)
-                module = first.module
-            if any(getattr(cb, "preset", None) == callback.preset for cb in applied.callbacks):
-                continue  # watching twice changes nothing
-            applied.callbacks.append(callback)
-            if module is None:
-                _imports.when_submodules_imported(
-                    "transformers.models" if entry == "transformers" else "timm", callback)
-            else:
-                _imports.when_imported(module, callback)
+        preset = _presets()[family]
+        paths.append(preset.path)
+        if preset.waits_for is None or \
+                any(cb.preset is preset for cb in applied.callbacks):
+            continue  # nothing to wait for, or watching twice changes nothing
+        callback = _callback(weakref.ref(get_local), applied, preset)
+        applied.callbacks.append(callback)
+        if preset.submodules:
+            _imports.when_submodules_imported(preset.waits_for, callback)
+        else:
+            _imports.when_imported(preset.waits_for, callback)
     return paths
 
 
 def unwatch_attention(get_local):
-    """Undo ``watch_attention``: original code back, nothing left waiting, seam off."""
+    """Undo ``watch_attention``: original code back, nothing left waiting, switches off."""
     applied = _applied.pop(get_local, None)
-    get_local._state.kernel = False
+    get_local._state.keep_calls = False
     if applied is None:
         return
     for callback in applied.callbacks:
@@ -166,98 +116,28 @@ def unwatch_attention(get_local):
         get_local._state.unregister(function)
 
 
-def _alternatives_callback(ref, applied, alternatives):
-    def apply(module):
-        get_local = ref()
-        if get_local is None:
-            return
-        errors = []
-        for watch in alternatives:
-            if watch is None:
-                return
-            try:
-                function = get_local._watch(watch.path, watch.names, source=watch.source,
-                                            overrides=watch.overrides, explicit=False,
-                                            attention=True)
-            except (ValueError, TypeError) as exc:
-                errors.append(str(exc))
-                continue
-            applied.functions.append(function)
-            return
-        warnings.warn(
-            "visualizer: the {} attention preset does not match the installed {} ({}), so "
-            "its attention is not captured. Watch the function that computes it yourself "
-            "with get_local.watch('module.Class.method', 'variable').".format(
-                alternatives[0].path, alternatives[0].family, "; ".join(errors)),
-            CaptureWarning, stacklevel=2)
+def _callback(ref, applied, preset):
+    """The import callback of one family: ``preset.apply`` for each module it waits for.
 
-    apply.preset = tuple(w.path if w is not None else None for w in alternatives)
-    return apply
-
-
-def _library_callback(ref, applied, preset, watch_module, still):
-    """The callback of a library's preset: ``watch_module(get_local, module)`` for each
-    module of the library as it is imported; if that fails, a warning says what is
-    still captured (``still``) and the functions watched so far stay watched."""
+    If that fails, a warning says what is still captured (``preset.still``) and
+    what was watched so far stays watched.  ``ref`` is a weak reference to the
+    ``get_local``: a callback waiting for an import must not keep it alive.
+    """
     def apply(module):
         get_local = ref()
         if get_local is None:
             return
         try:
-            applied.functions.extend(watch_module(get_local, module))
+            functions, switches = preset.apply(get_local, module)
         except (ValueError, TypeError) as exc:
             warnings.warn("visualizer: the eager attention of {} cannot be watched ({}); {}"
-                          .format(module.__name__, exc, still), CaptureWarning, stacklevel=2)
+                          .format(module.__name__, exc, preset.still), CaptureWarning,
+                          stacklevel=2)
+            return
+        applied.functions.extend(functions)
+        for on, off in switches:
+            applied.switches.append((on, off))
+            get_local._state.add_switch(on, off)
 
     apply.preset = preset
-    return apply
-
-
-def _transformers_callback(ref, applied):
-    def watch_module(get_local, module):
-        if not _transformers.is_modeling_module(module.__name__):
-            return []
-        return _transformers.watch_modeling_module(get_local, module)
-
-    return _library_callback(
-        ref, applied, "transformers", watch_module,
-        "its sdpa path is still captured at the kernel. To capture its eager path, watch the "
-        "function that computes it with get_local.watch('module.function', 'variable').")
-
-
-def _timm_callback(ref, applied):
-    return _library_callback(ref, applied, "timm", _timm.watch_module,
-                             "its fused path is still captured at the kernel.")
-
-
-def _torch_callback(ref, applied):
-    # Waits for ``torch`` itself: its submodules are imported while torch's
-    # __init__ runs, when torch.backends does not exist yet.
-    def apply(torch):
-        get_local = ref()
-        if get_local is None:
-            return
-        mha = torch.nn.MultiheadAttention
-        original = vars(mha)["forward"]
-        replacement = _torch_integration.multihead_forward(original)
-        get_local._state.register(replacement, ("attn_output_weights",), "self",
-                                  explicit=False, attention=True)
-        applied.functions.append(replacement)
-        saved = {}
-
-        def on():
-            saved["forward"] = vars(mha)["forward"]
-            saved["fastpath"] = torch.backends.mha.get_fastpath_enabled()
-            mha.forward = replacement
-            torch.backends.mha.set_fastpath_enabled(False)
-
-        def off():
-            if vars(mha).get("forward") is replacement:
-                mha.forward = saved.get("forward", original)
-            torch.backends.mha.set_fastpath_enabled(saved.get("fastpath", True))
-
-        applied.switches.append((on, off))
-        get_local._state.add_switch(on, off)
-
-    apply.preset = "torch"
     return apply

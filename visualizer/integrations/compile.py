@@ -24,7 +24,9 @@ import sys
 import warnings
 import weakref
 
+from .. import _imports
 from .._errors import CaptureWarning
+from .._state import Extension
 from . import kernel
 
 _MARK = "_torchdynamo_disable"
@@ -33,6 +35,8 @@ _OURS = "__visualizer_marked__"
 _INLINE = "_torchdynamo_inline"  # dynamo traces this attribute's function instead
 
 _TARGETS = weakref.WeakValueDictionary()  # slot -> Target, for the operator at run time
+_SLOTS = weakref.WeakKeyDictionary()      # Target -> its slot
+_COMPILED_IN = weakref.WeakKeyDictionary()  # Target -> code of frames dynamo compiled with it inlined
 _SOURCES = weakref.WeakValueDictionary()  # id(source) -> source, noted while dynamo traces
 _slots = itertools.count(1)
 _support = None  # the helpers traced code calls once made, False if this torch cannot
@@ -91,7 +95,7 @@ def _compiled(code, new_code):
     for traced_code in traced:
         target = _CODES.get(id(traced_code))
         if target is not None and target.runs(traced_code):
-            target.compiled_in.add(code)
+            _COMPILED_IN.setdefault(target, weakref.WeakSet()).add(code)
         elif traced_code is _SEAM_CODE:
             _compiled_through_seam(code)
     return None
@@ -127,9 +131,8 @@ def recompile(target):
         torch.compiler.reset()
         return
     reset_code = sys.modules["torch._dynamo.eval_frame"].reset_code
-    for code in list(target.compiled_in):
+    for code in list(_COMPILED_IN.pop(target, ())):
         reset_code(code)
-    target.compiled_in.clear()
 
 
 def prepare(target, record, record_locals):
@@ -142,9 +145,9 @@ def prepare(target, record, record_locals):
     support = _compile_support()
     if not support:
         return False
-    if getattr(target, "slot", None) is None:
-        target.slot = next(_slots)
-        _TARGETS[target.slot] = target
+    if target not in _SLOTS:
+        _SLOTS[target] = next(_slots)
+        _TARGETS[_SLOTS[target]] = target
     setattr(record, _INLINE, support.traced_record(target, record))
     setattr(record_locals, _INLINE, support.traced_record_locals(target, record_locals))
     return True
@@ -272,7 +275,7 @@ class _Support:
 
     def emitter(self, target):
         """The traced body for tensors: one call of the operator."""
-        op, comptime, slot = self.op, self.comptime, target.slot
+        op, comptime, slot = self.op, self.comptime, _SLOTS[target]
 
         def emit(source, values):
             token = 0
@@ -350,6 +353,81 @@ def unmark(function):
     if function.__dict__.pop(_OURS, False):
         function.__dict__.pop(_MARK, None)
         function.__dict__.pop(_MESSAGE, None)
+
+
+class Compilers(Extension):
+    """What torch's compilers need from one capture state, as an extension of it.
+
+    torch.compile: every code under capture is noted (``note_code``) so that
+    frames compiled with it inlined are compiled again when it changes
+    (``recompile``), and rewritten code is made traceable (``prepare``) or,
+    where this torch cannot, run outside the graph (``mark``), from the
+    moment TorchDynamo is imported.  TorchScript: ``JitGuard`` warns while
+    capturing.
+    """
+
+    def __init__(self, state):
+        ref = weakref.ref(state)  # import callbacks hold this object: not the state
+        self.jit = JitGuard(lambda function: ref() is not None and ref().is_captured(function))
+        self.waiting = set()  # the modules an import callback waits for
+
+    def start(self, state):
+        if "torch" in sys.modules:
+            self.jit.on()
+        else:
+            self.wait(state, "torch", self.torch_imported)
+        self.follow_dynamo(state)
+
+    def stop(self, state):
+        self.jit.off()
+
+    def target_made(self, target):
+        note_code(target.code, target)
+        self.follow_dynamo(target.state)
+
+    def code_made(self, target, code):
+        note_code(code, target)
+
+    def installed(self, target, function):
+        if dynamo_loaded():
+            if not prepare(target, *target.recorders):
+                mark(function, function.__code__)
+            recompile(target)
+
+    def removed(self, target, function):
+        unmark(function)
+        if dynamo_loaded():
+            recompile(target)
+
+    def wait(self, state, module, method):
+        if module not in self.waiting:
+            self.waiting.add(module)
+            _imports.when_imported(module, _imports.weakly(state, method))
+
+    def torch_imported(self, state, torch):
+        self.waiting.discard("torch")
+        if state.active:
+            self.jit.on(torch)
+
+    def follow_dynamo(self, state):
+        """Follow torch.compile now if TorchDynamo is imported, else once it is."""
+        if dynamo_loaded():
+            watch_compiles()
+        else:
+            self.wait(state, "torch._dynamo", self.dynamo_imported)
+
+    def dynamo_imported(self, state, module=None):
+        """Prepare every installed rewritten code of ``state`` for torch.compile."""
+        self.waiting.discard("torch._dynamo")
+        watch_compiles()
+        with state.lock:
+            for target in list(state.targets.values()):
+                if target.recorders is not None and prepare(target, *target.recorders):
+                    continue
+                for function in list(target.functions):
+                    if state.target_of(function.__code__) is target and \
+                            function.__code__ is not target.code:
+                        mark(function, function.__code__)
 
 
 class JitGuard:

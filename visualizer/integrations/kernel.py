@@ -42,12 +42,19 @@ import threading
 import warnings
 import weakref
 
-from .. import _compat
+from .. import _compat, _imports
 from .._errors import CaptureWarning, VisualizerValueError
+from .._state import Extension
+from . import Preset
 
-__all__ = ["install", "uninstall", "adapter", "Call", "probabilities", "reduced", "reduce_map"]
+__all__ = ["Seam", "install", "uninstall", "adapter", "Call", "probabilities", "reduced",
+           "reduce_map", "PRESET"]
 
 NAME = "scaled_dot_product_attention"
+
+# The 'kernel' family: every kernel call nothing else takes is kept (the seam is
+# in place whenever capture is on; nothing to wait for).
+PRESET = Preset("kernel", "torch.nn.functional.scaled_dot_product_attention")
 _MAX_DEPTH = 48  # frames looked at above a kernel call
 
 _lock = threading.RLock()
@@ -61,10 +68,11 @@ _failed = set()
 
 
 class Call:
-    """The arguments of one kernel call, by name."""
+    """The arguments of one kernel call, by name (what ``State.capture_call`` takes)."""
 
     __slots__ = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                  "enable_gqa")
+    name = NAME
 
     def __init__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                  scale=None, enable_gqa=False):
@@ -86,6 +94,10 @@ class Call:
     def probabilities(self, queries=None, heads=None, grad=False):
         """The attention probabilities of this call (see ``probabilities``)."""
         return probabilities(self, queries=queries, heads=heads, grad=grad)
+
+    def reduced(self, reduce, queries=None, heads=None, grad=False, running=None, owner=None):
+        """A reduction of this call's probabilities, never computed in full (see ``reduced``)."""
+        return reduced(self, reduce, queries, heads, grad, running, owner)
 
 
 def probabilities(call, queries=None, heads=None, grad=False):
@@ -192,6 +204,34 @@ def _index(torch, selection, size, device, what):
 
 
 # -- installing the seam --------------------------------------------------------------
+
+
+class Seam(Extension):
+    """The seam as an extension of one capture state: in place while the state captures.
+
+    Before torch is imported there is nothing to replace: the seam waits for
+    the import (``visualizer._imports``) and goes in then, if still capturing.
+    """
+
+    def __init__(self):
+        self.waiting = False
+
+    def start(self, state):
+        torch = sys.modules.get("torch")
+        if torch is not None and hasattr(torch, "nn") and hasattr(torch.nn, "functional"):
+            install(state)
+        elif not self.waiting:
+            self.waiting = True
+            _imports.when_imported("torch", _imports.weakly(state, self.torch_imported))
+
+    def torch_imported(self, state, torch):
+        self.waiting = False
+        if state.active:
+            install(state)
+
+    def stop(self, state):
+        uninstall(state)
+        state.drop_supplied()
 
 
 def install(state):
@@ -387,7 +427,7 @@ def locate(frame, call, state):
         code = frame.f_code
         kind, qualname, first = _info(code)
         target = state.target_of(code)
-        if target is not None and target.takes_kernel():
+        if target is not None and target.takes_calls():
             return call, (target, frame, None), None, None, None
         if kind == "adapter":
             call, owner = _adapters[id(code)][1](frame, call, state)
@@ -409,7 +449,7 @@ def locate(frame, call, state):
 
 def _deliver(state, frame, call):
     call, owner, key, qualname, source = locate(frame, call, state)
-    state.capture_kernel(key, qualname, source, call, owner)
+    state.capture_call(key, qualname, source, call, owner)
 
 
 # -- reductions at compute time (``reduce=``) ------------------------------------------

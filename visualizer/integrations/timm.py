@@ -15,9 +15,9 @@ see ``visualizer.integrations.watch_softmax_outputs``).  On the fused path
 nothing is stored, and the kernel calls made inside the same method supply
 the maps, under the method's qualname, whichever path ran.
 """
-from . import watch_softmax_outputs
+from . import Preset, watch_softmax_outputs
 
-__all__ = ["PACKAGE", "watch_module"]
+__all__ = ["PACKAGE", "PRESET", "watch_module"]
 
 PACKAGE = "timm"
 
@@ -25,3 +25,9 @@ PACKAGE = "timm"
 def watch_module(get_local, module):
     """Watch the eager attention of one timm module; return the functions watched."""
     return watch_softmax_outputs(get_local, module, named=False)
+
+
+PRESET = Preset(
+    "timm", "timm.*: the softmax output of each attention class", waits_for=PACKAGE,
+    submodules=True, apply=lambda get_local, module: (watch_module(get_local, module), ()),
+    still="its fused path is still captured at the kernel.")

@@ -13,7 +13,9 @@ captures it there, unchanged.  Two things need a preset while capturing:
 """
 import inspect
 
-__all__ = ["multihead_forward"]
+from . import Preset
+
+__all__ = ["PRESET", "multihead_forward", "watch_multihead"]
 
 
 def multihead_forward(original):
@@ -45,3 +47,37 @@ def multihead_forward(original):
     forward.__module__ = original.__module__
     forward.__wrapped__ = original
     return forward
+
+
+def watch_multihead(get_local, torch):
+    """Watch ``nn.MultiheadAttention``: its weights per head while capturing, its fast path off.
+
+    Returns ``(functions, switches)`` for ``visualizer.presets``: the forward
+    installed while capturing, and the switch that installs it and turns the
+    fast path off when capture starts, and puts both back when it stops.
+    """
+    mha = torch.nn.MultiheadAttention
+    original = vars(mha)["forward"]
+    replacement = multihead_forward(original)
+    get_local._state.register(replacement, ("attn_output_weights",), "self",
+                              explicit=False, attention=True)
+    saved = {}
+
+    def on():
+        saved["forward"] = vars(mha)["forward"]
+        saved["fastpath"] = torch.backends.mha.get_fastpath_enabled()
+        mha.forward = replacement
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def off():
+        if vars(mha).get("forward") is replacement:
+            mha.forward = saved.get("forward", original)
+        torch.backends.mha.set_fastpath_enabled(saved.get("fastpath", True))
+
+    return [replacement], [(on, off)]
+
+
+# Waits for ``torch`` itself: its submodules are imported while torch's
+# __init__ runs, when torch.backends does not exist yet.
+PRESET = Preset("torch", "torch.nn.MultiheadAttention.forward", waits_for="torch",
+                apply=watch_multihead)

@@ -29,11 +29,13 @@ of each modeling module.  So:
 """
 import sys
 
-from . import kernel
+from . import Preset, kernel, watch_softmax_outputs
 
-__all__ = ["watch", "adapt_sdpa", "watch_modeling_module"]
+__all__ = ["PACKAGE", "PRESET", "SDPA_MODULE", "adapt_sdpa", "is_modeling_module",
+           "on_sdpa_module", "watch_modeling_module"]
 
-SDPA_MODULE = "transformers.integrations.sdpa_attention"
+PACKAGE = "transformers"
+SDPA_MODULE = PACKAGE + ".integrations.sdpa_attention"
 
 
 def adapt_sdpa(frame, call, state):
@@ -63,8 +65,6 @@ def adapt_sdpa(frame, call, state):
 
 def watch_modeling_module(get_local, module):
     """Watch one modeling module's eager attention; return the functions watched."""
-    from . import watch_softmax_outputs
-
     watched = []
     eager = getattr(module, "eager_attention_forward", None)
     if getattr(eager, "__code__", None) is not None and \
@@ -89,5 +89,19 @@ def on_sdpa_module(module):
 def is_modeling_module(name):
     """Whether ``name`` is a transformers modeling module (``transformers.models.x.modeling_x``)."""
     parts = name.split(".")
-    return len(parts) == 4 and parts[1] == "models" and parts[3].startswith("modeling_") \
-        and not parts[3].startswith(("modeling_tf_", "modeling_flax_"))
+    return len(parts) == 4 and parts[:2] == [PACKAGE, "models"] and \
+        parts[3].startswith("modeling_") and \
+        not parts[3].startswith(("modeling_tf_", "modeling_flax_"))
+
+
+def _apply(get_local, module):
+    if not is_modeling_module(module.__name__):
+        return (), ()
+    return watch_modeling_module(get_local, module), ()
+
+
+PRESET = Preset(
+    "transformers", "transformers.models.*.modeling_*.eager_attention_forward",
+    waits_for=PACKAGE + ".models", submodules=True, apply=_apply,
+    still="its sdpa path is still captured at the kernel. To capture its eager path, watch "
+          "the function that computes it with get_local.watch('module.function', 'variable').")

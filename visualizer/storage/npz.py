@@ -73,9 +73,9 @@ def save_cache(cache, path, context=None):
 def save_manifest(path, manifest):
     """Write an ``.npz`` that holds only ``manifest`` (JSON data) as its ``__visualizer__`` entry.
 
-    How other formats (the manifest of a run's ranks) name their parts in a
-    file that every reader of this format opens; :func:`read_manifest` reads
-    it back.
+    The manifest of a run's ranks is such a file: any reader of caches opens
+    it and tells it apart by its ``format``; :func:`read_manifest` reads it
+    back.
     """
     import numpy as np
 

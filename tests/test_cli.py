@@ -340,6 +340,87 @@ def test_plot_damaged_cache(project, tmp_path):
                        "damaged.npz looks like a visualizer cache but is damaged")
 
 
+# -- plot and view read every format get_local.load reads ------------------------------
+
+def maps(np, seed, count=2):
+    """``count`` softmax maps shaped (1 sample, 2 heads, 4, 4)."""
+    scores = np.random.default_rng(seed).normal(size=(count, 1, 2, 4, 4))
+    return list(np.exp(scores) / np.exp(scores).sum(-1, keepdims=True))
+
+
+def page_tokens(path):
+    text = path.read_text(encoding="utf-8")
+    data = re.search(r'<script type="application/json" id="vz-data-[0-9a-f]+">(.*?)</script>',
+                     text, re.S)
+    import json
+
+    return json.loads(data.group(1))["tokens"]
+
+
+def test_plot_and_view_read_a_torchrun_manifest(tmp_path, monkeypatch):
+    np = require("numpy")
+    from visualizer import get_local, views
+
+    for rank in (1, 0):  # what each process of a torchrun run of two does
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        get_local.save(str(tmp_path / "caps.npz"), {"attn": maps(np, rank)})
+        views.save(str(tmp_path / "ctx.npz"), {"attn": maps(np, rank)}, tokens=list("abcd"))
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert (tmp_path / "caps.rank1.npz").exists() and len(load(tmp_path / "caps.npz")["attn"]) == 4
+
+    proc = cli("view", "ctx.npz", "--out", "page.html", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote page.html (model view of 'attn'" in proc.stderr
+    assert page_tokens(tmp_path / "page.html") == list("abcd")  # the context of the rank files
+    proc = cli("view", "caps.npz", "--out", "plain.html", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert page_tokens(tmp_path / "plain.html") == list("0123")  # no context: positions
+
+    require("matplotlib")
+    proc = cli("plot", "caps.npz", "--out", "figs", "--limit", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert_pngs(tmp_path / "figs", ["attn_{:02d}.png".format(i) for i in range(4)],
+                min_bytes=5000)
+
+    os.remove(str(tmp_path / "caps.rank0.npz"))  # rank 0 died before saving
+    proc = cli("plot", "caps.npz", "--out", "half", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0 of 2 saved nothing (caps.rank0.npz missing" in proc.stderr
+    assert sorted(os.listdir(str(tmp_path / "half"))) == ["attn_00.png", "attn_01.png"]
+    os.remove(str(tmp_path / "caps.rank1.npz"))
+    assert_clean_error(cli("view", "caps.npz", "--out", "none.html", cwd=tmp_path),
+                       "caps.npz: no rank of the 2 processes saved its file")
+
+
+def test_plot_and_view_read_a_stream_folder(gl, tmp_path):
+    np = require("numpy")
+
+    @gl("attn")
+    def layer(seed):
+        attn = maps(np, seed, count=1)[0]
+        return attn
+
+    with gl.capture(stream=tmp_path / "run.vz"):
+        for seed in range(3):
+            layer(seed)
+    key = layer.__qualname__
+    assert len(load(tmp_path / "run.vz")[key]) == 3
+
+    proc = cli("view", "run.vz", "--out", "page.html", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote page.html (model view of {!r}".format(key) in proc.stderr
+    assert page_tokens(tmp_path / "page.html") == list("0123")  # a stream records no tokens
+
+    require("matplotlib")
+    proc = cli("plot", "run.vz", "--out", "figs", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(os.listdir(str(tmp_path / "figs")))
+    assert len(names) == 3 and all(n.endswith(("_00.png", "_01.png", "_02.png")) for n in names)
+    assert "wrote 3 figures to figs/" in proc.stderr
+
+
 # -- with torch, timm and transformers ----------------------------------------------
 
 def test_run_presets_on_a_timm_script_then_plot(tmp_path):

@@ -103,3 +103,81 @@ def test_missing_file(gl, tmp_path):
     require("numpy")
     with pytest.raises(FileNotFoundError):
         gl.load(tmp_path / "nope.npz")
+
+
+# -- storage: one load for every format, data flowing one way ----------------------------
+
+def test_load_and_load_context_read_every_format(gl, tmp_path, monkeypatch):
+    np = require("numpy")
+    from visualizer import storage
+
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        storage.save({"k": [np.full(2, rank)]}, tmp_path / "ranks.npz", context={"title": "t"})
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    storage.save({"k": [np.zeros(2)]}, tmp_path / "one.npz", context={"title": "one"})
+
+    @gl("y")
+    def f(x):
+        y = np.full(2, x)
+        return y
+
+    with gl.capture(stream=tmp_path / "run.vz"):
+        f(7)
+    assert [v.tolist() for v in storage.load(tmp_path / "ranks.npz")["k"]] == [[0, 0], [1, 1]]
+    assert storage.load_context(tmp_path / "ranks.npz") == {"title": "t"}  # every rank's
+    assert storage.load_context(tmp_path / "one.npz") == {"title": "one"}
+    assert storage.load(tmp_path / "run.vz")[f.__qualname__][0].tolist() == [7, 7]
+    assert storage.load_context(tmp_path / "run.vz") == {}  # a stream records no context
+    (tmp_path / "plain").mkdir()
+    for read in (storage.load, storage.load_context):
+        with pytest.raises(VisualizerError, match=r"plain is a folder.*no visualizer-stream.json"):
+            read(tmp_path / "plain")
+
+
+def test_the_damaged_manifest_of_ranks_says_what_it_lists(tmp_path):
+    require("numpy")
+    from visualizer.storage import load, npz
+
+    npz.save_manifest(tmp_path / "m.npz", {"format": "visualizer-ranks", "world_size": 0,
+                                           "files": []})
+    with pytest.raises(VisualizerError, match=r"rank manifest but is damaged.*world_size 0"):
+        load(tmp_path / "m.npz")
+
+
+def storage_imports():
+    """``{module file: [what it imports from the package]}`` for every file of storage/."""
+    import ast
+    import os
+
+    from conftest import ROOT
+
+    folder = os.path.join(ROOT, "visualizer", "storage")
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                tree = ast.parse(fh.read())
+            found[name] = sorted(
+                "." * node.level + (node.module or alias.name) for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.level
+                for alias in node.names)  # "from . import npz" is ".npz"
+    return found
+
+
+def test_storage_data_flows_one_way():
+    # The core rule: storage knows nothing of the layers above it.  Storage.prepare's lazy
+    # import of the kernel's reduce_map goes when the maps' mathematics moves to attention.py.
+    above = ("..integrations", "..views", "..cli")
+    for name, modules in storage_imports().items():
+        strays = [m for m in modules if m.startswith(above)
+                  and (name, m) != ("memory.py", "..integrations.kernel")]
+        assert not strays, (name, strays)
+    # Inside: _disk at the bottom, the formats on it, __init__ alone tells them apart.
+    within = {name: {m for m in modules if not m.startswith("..")}
+              for name, modules in storage_imports().items()}
+    assert within["_disk.py"] == set()
+    assert within["npz.py"] == within["ranks.py"] - {".npz"} == {"._disk"}
+    assert within["stream.py"] == {".memory", "._disk"}

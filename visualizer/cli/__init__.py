@@ -34,7 +34,6 @@ import sys
 import time
 import traceback
 import warnings
-import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__, get_local
@@ -866,16 +865,11 @@ def _cmd_plot(args: argparse.Namespace, say: _Say) -> int:
     _require("numpy", "plot")
     if not os.path.exists(args.file):
         raise _error("no such file: {}".format(args.file))
-    if os.path.isdir(args.file):
-        raise _error("{} is a folder; pass a .npz file written by 'visualizer run' or "
-                     "get_local.save".format(args.file))
     if args.limit < 0:
         raise _error("--limit {}: pass a positive number, or 0 for all".format(args.limit))
-    if not zipfile.is_zipfile(args.file):
-        raise _error("{} is not a cache saved by visualizer: it is not an .npz (zip) "
-                     "archive; pass a file written by 'visualizer run' or get_local.save"
-                     .format(args.file))
-    cache = get_local.load(args.file)
+    from .. import storage
+
+    cache = storage.load(args.file)  # every format: .npz, a manifest of ranks, a stream folder
     if not cache:
         say.warn("{} holds no captures (nothing was captured when it was saved), so no "
                  "figures were written".format(args.file))
@@ -982,13 +976,6 @@ def _cmd_view(args: argparse.Namespace, say: _Say) -> int:
     _require("numpy", "view")
     if not os.path.exists(args.file):
         raise _error("no such file: {}".format(args.file))
-    if os.path.isdir(args.file):
-        raise _error("{} is a folder; pass a .npz file written by 'visualizer run' or "
-                     "get_local.save".format(args.file))
-    if not zipfile.is_zipfile(args.file):
-        raise _error("{} is not a cache saved by visualizer: it is not an .npz (zip) "
-                     "archive; pass a file written by 'visualizer run' or get_local.save"
-                     .format(args.file))
     if os.path.isdir(args.out):
         raise _error("--out {} is a folder; name the .html file to write".format(args.out))
     from .. import views

@@ -20,6 +20,7 @@ import zipfile
 import zlib
 
 from .._errors import VisualizerTypeError, VisualizerValueError
+from ._disk import check_path
 
 FORMAT = "visualizer-cache"
 VERSION = 1
@@ -39,7 +40,7 @@ def save_cache(cache, path, context=None):
         raise VisualizerTypeError(
             "save needs a cache: a dict from key to a list of values, got {}".format(
                 type(cache).__name__))
-    _check_path(path, "save")
+    check_path(path, "save")
     arrays = {}
     entries = []
     for k, (key, values) in enumerate(cache.items()):
@@ -64,9 +65,49 @@ def save_cache(cache, path, context=None):
     if context:
         manifest["context"], context_arrays = _split_context(np, context)
         arrays.update(context_arrays)
-    arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode("utf-8"), dtype=np.uint8)
+    arrays[MANIFEST] = _json_array(np, manifest)
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
+
+
+def save_manifest(path, manifest):
+    """Write an ``.npz`` that holds only ``manifest`` (JSON data) as its ``__visualizer__`` entry.
+
+    The manifest of a run's ranks is such a file: any reader of caches opens
+    it and tells it apart by its ``format``; :func:`read_manifest` reads it
+    back.
+    """
+    import numpy as np
+
+    with open(path, "wb") as fh:
+        np.savez(fh, **{MANIFEST: _json_array(np, manifest)})
+
+
+def read_manifest(path):
+    """Return the JSON data of ``path``'s ``__visualizer__`` entry, or None if it has none.
+
+    Reads that entry only (not the values), and never raises for a file that
+    is not ours: None means "some other file", which :func:`load_cache`
+    explains.
+    """
+    try:
+        if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            if MANIFEST + ".npy" not in archive.namelist():
+                return None
+            import numpy as np
+
+            with archive.open(MANIFEST + ".npy") as fh:
+                data = np.lib.format.read_array(fh, allow_pickle=False)
+        return json.loads(data.tobytes().decode("utf-8"))
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError):
+        return None
+
+
+def _json_array(np, data):
+    # JSON as bytes in a uint8 array: numpy reads it back with allow_pickle=False.
+    return np.frombuffer(json.dumps(data).encode("utf-8"), dtype=np.uint8)
 
 
 def _split_context(np, context):
@@ -95,25 +136,21 @@ def _split_context(np, context):
 
 
 def load_context(path):
-    """Return the context saved with the cache at ``path``; ``{}`` for files without one."""
-    import numpy as np
+    """Return the context saved with the cache at ``path``; ``{}`` for files without one.
 
-    load_cache(path)  # the same checks and errors for a file that is not a cache
-    with np.load(path, allow_pickle=False) as archive:
-        manifest = json.loads(archive[MANIFEST].tobytes().decode("utf-8"))
-        saved = manifest.get("context") or {}
-        context = dict(saved.get("values", {}))
-        for name in saved.get("arrays", ()):
-            context[name] = archive[CONTEXT + name]
+    A file that is not a cache is refused with :func:`load_cache`'s errors;
+    the captured values themselves are not read.
+    """
+    archive, manifest = _open(path)
+    with archive:
+        try:
+            saved = manifest.get("context") or {}
+            context = dict(saved.get("values", {}))
+            for name in saved.get("arrays", ()):
+                context[name] = archive[CONTEXT + name]
+        except _DAMAGE as exc:
+            raise _damaged(path, exc) from None
     return context
-
-
-def _check_path(path, verb):
-    # An int would be taken by open() as a file descriptor.
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        raise VisualizerTypeError(
-            "{} needs a file path (str or os.PathLike), got {} {!r}".format(
-                verb, type(path).__name__, path))
 
 
 def _as_array(np, key, i, value):
@@ -129,9 +166,37 @@ def _as_array(np, key, i, value):
 
 def load_cache(path):
     """Read a file written by ``save_cache``; return ``{key: [values...]}`` in order."""
+    archive, manifest = _open(path)
+    with archive:
+        try:
+            cache = {}
+            for k, entry in enumerate(manifest["keys"]):
+                scalars = set(entry.get("python_scalars", ()))
+                values = []
+                for i in range(entry["count"]):
+                    array = archive["{}/{}".format(k, i)]
+                    values.append(array.item() if i in scalars else array)
+                cache[entry["key"]] = values
+        except _DAMAGE as exc:
+            raise _damaged(path, exc) from None
+    return cache
+
+
+# What a damaged archive or manifest raises, from numpy, zipfile, zlib or json.
+_DAMAGE = (KeyError, ValueError, TypeError, AttributeError, OSError, EOFError,
+           zipfile.BadZipFile, zlib.error, UnicodeDecodeError)
+
+
+def _damaged(path, exc):
+    return VisualizerValueError(
+        "{} looks like a visualizer cache but is damaged: {}".format(path, exc))
+
+
+def _open(path):
+    """Return ``(open archive, manifest)`` of the cache at ``path``; refuse any other file."""
     import numpy as np
 
-    _check_path(path, "load")
+    check_path(path, "load")
     if os.path.isdir(path):
         raise VisualizerValueError(
             "{} is a directory, not a cache saved by visualizer (not a readable .npz "
@@ -142,7 +207,8 @@ def load_cache(path):
         is_zip = zipfile.is_zipfile(fh)
     if head == b"\x93NUMPY":
         raise VisualizerValueError(
-            "{} is a single NumPy array (.npy), not a cache saved by visualizer".format(path))
+            "{} is not a cache saved by visualizer: it is a single NumPy array (.npy); "
+            "pass a file written by get_local.save".format(path))
     if not is_zip:
         # Checked before numpy sees it: numpy would try it as a pickle.
         raise VisualizerValueError(
@@ -158,7 +224,7 @@ def load_cache(path):
     if not hasattr(archive, "files"):
         raise VisualizerValueError(
             "{} is a single NumPy array, not a cache saved by visualizer".format(path))
-    with archive:
+    try:
         if MANIFEST not in archive.files:
             raise VisualizerValueError(
                 "{} is an .npz archive but not a cache saved by visualizer (it has no "
@@ -171,16 +237,9 @@ def load_cache(path):
             if manifest.get("version") != VERSION:
                 raise ValueError("version {!r}; this visualizer reads version {}".format(
                     manifest.get("version"), VERSION))
-            cache = {}
-            for k, entry in enumerate(manifest["keys"]):
-                scalars = set(entry.get("python_scalars", ()))
-                values = []
-                for i in range(entry["count"]):
-                    array = archive["{}/{}".format(k, i)]
-                    values.append(array.item() if i in scalars else array)
-                cache[entry["key"]] = values
-        except (KeyError, ValueError, TypeError, AttributeError, OSError, EOFError,
-                zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as exc:
-            raise VisualizerValueError(
-                "{} looks like a visualizer cache but is damaged: {}".format(path, exc)) from None
-    return cache
+        except _DAMAGE as exc:
+            raise _damaged(path, exc) from None
+    except BaseException:
+        archive.close()
+        raise
+    return archive, manifest

@@ -23,6 +23,10 @@ Under ``torch.distributed`` each rank writes its own index and files
 (``index.rank1.jsonl``, ``rank1-...``) in the same folder; ``open_stream``
 merges them in rank order, or reads one rank's.  Writing into a folder that
 holds a stream already appends to it.
+
+A stream records no context (tokens, image: what ``visualizer.views.save``
+keeps in an ``.npz``): ``visualizer.storage.load_context`` of a stream
+folder is ``{}``, and ``visualizer view`` shows it with positions for tokens.
 """
 import collections.abc
 import json
@@ -30,8 +34,9 @@ import os
 import re
 import threading
 
-from . import memory as _store, ranks as _ranks
 from .._errors import VisualizerTypeError, VisualizerValueError
+from . import memory as _store
+from ._disk import atomically, rank_and_world
 
 FORMAT = "visualizer-stream"
 VERSION = 1
@@ -186,7 +191,7 @@ class _Writer:
                 with open(tmp, "wb") as fh:
                     np.save(fh, array, allow_pickle=False)
 
-            _ranks._atomically(path, save)
+            atomically(path, save)
             entry = {"key": key, "file": name, "shape": list(array.shape),
                      "dtype": array.dtype.str, "scalar": scalar}
             self.index.write(json.dumps(entry) + "\n")
@@ -211,14 +216,14 @@ def open_writer(folder):
             "stream={!r}: that folder holds other files and no {}; stream into a new or "
             "empty folder".format(folder, MANIFEST))
     os.makedirs(folder, exist_ok=True)
-    rank, world = _ranks.rank_and_world() or (0, 1)
+    rank, world = rank_and_world() or (0, 1)
     manifest = {"format": FORMAT, "version": VERSION, "world_size": world}
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh)
 
-    _ranks._atomically(os.path.join(folder, MANIFEST), write)
+    atomically(os.path.join(folder, MANIFEST), write)
     cache = StreamCache(folder, _Writer(folder, rank, world))
     for key, entries in _read_index(folder, rank).items():
         cache[key] = CaptureList(folder, entries, cache.writer, key)

@@ -334,7 +334,9 @@ def save(path: Any, cache: Dict[str, list], *, tokens: Optional[Sequence[str]] =
 def load(path: Any):
     """Return ``(cache, context)`` from a file: the captures and what :func:`save` added.
 
-    ``context`` is ``{}`` for files saved without it (``get_local.save``).
+    Reads every format ``get_local.load`` reads (an ``.npz``, the manifest of
+    a run's ranks, a stream folder).  ``context`` is ``{}`` for files saved
+    without it (``get_local.save``) and for stream folders, which record none.
     """
     from .. import storage
 

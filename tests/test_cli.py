@@ -304,7 +304,7 @@ def test_plot_bad_files(tmp_path):
     assert_clean_error(cli("plot", "text.npz", "--out", "o", cwd=tmp_path),
                        "text.npz is not a cache saved by visualizer")
     assert_clean_error(cli("plot", "array.npy", "--out", "o", cwd=tmp_path),
-                       "array.npy is not a cache saved by visualizer")
+                       "array.npy ", "not a cache saved by visualizer")
     assert_clean_error(cli("plot", "foreign.npz", "--out", "o", cwd=tmp_path),
                        "foreign.npz is an .npz archive but not a cache saved by visualizer",
                        "weights")
@@ -375,8 +375,9 @@ def test_run_presets_on_a_timm_script_then_plot(tmp_path):
 def test_demo_without_the_model_libraries_says_what_to_install(monkeypatch, capsys):
     require("matplotlib")
     from visualizer import cli as cli_module
+    from visualizer.cli import _common
 
-    monkeypatch.setattr(cli_module, "_available", lambda name: name in ("matplotlib", "numpy"))
+    monkeypatch.setattr(_common, "available", lambda name: name in ("matplotlib", "numpy"))
     assert cli_module.main(["demo", "--out", "never"]) == 2
     err = capsys.readouterr().err
     assert err == ("visualizer: error: demo needs torch and timm for the ViT part or torch and "

@@ -151,7 +151,7 @@ def _demo_vit(out: str, say: Say, pages: List[Tuple[str, str]]) -> List[str]:
     layers = _layers_in_order(model, get_local.by_module(model, cache))
     if not layers:
         raise error("the ViT ran but no attention was captured: the timm preset does not "
-                     "match the installed timm {}".format(timm.__version__))
+                    "match the installed timm {}".format(timm.__version__))
     attn = [values[0] for values in layers.values()]
     last = len(attn)
     prefix = getattr(model, "num_prefix_tokens", 1)
@@ -304,7 +304,7 @@ def _demo_bert(out: str, say: Say, pages: List[Tuple[str, str]]) -> List[str]:
     layers = _layers_in_order(model, get_local.by_module(model, cache))
     if not layers:
         raise error("BERT ran but no attention was captured: the transformers preset does "
-                     "not match the installed transformers")
+                    "not match the installed transformers")
     attn = [values[0] for values in layers.values()]
     say("drawing {} figures ({} layers, {} heads, {} tokens) ...".format(
         len(attn) + 1, len(attn), attn[0].shape[1], len(tokens)))

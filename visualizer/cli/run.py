@@ -77,7 +77,7 @@ def _parse_watch(spec: str) -> Tuple[str, Tuple[str, ...]]:
     dotted = dotted.strip()
     if not sep or not dotted:
         raise error("--watch {!r}: expected DOTTED=VAR[,VAR] (the function's dotted path, "
-                     "'=', then the variable names), {}".format(spec, example))
+                    "'=', then the variable names), {}".format(spec, example))
     parts = dotted.split(".")
     if len(parts) < 2 or not all(_IDENTIFIER.match(p) for p in parts):
         raise error("--watch {!r}: {!r} is not a dotted path module.function, {}".format(
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, say: Say) -> int:
         raise error("no such script: {}".format(args.script))
     if os.path.isdir(script):
         raise error("{} is a folder; run a Python script inside it".format(args.script))
-    try:
+    try:  # python itself exits 2 for a script it cannot open; so do we, before running it
         with open(script, "rb"):
             pass
     except OSError as exc:
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, say: Say) -> int:
     out = args.out or "{}_captures.npz".format(stem)
     if args.no_presets and not specs:
         raise error("nothing to capture: with --no-presets, name what to capture with "
-                     "--watch DOTTED=VAR[,VAR]")
+                    "--watch DOTTED=VAR[,VAR]")
     require("numpy", "run (to save the captures)")
     _check_output(out)
 
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace, say: Say) -> int:
         _print_script_traceback(failure, script)
     elapsed = time.time() - started
     count = _save_captures(cache, out, watched, say)
-    if failure is not None or status != 0:
+    if failure is not None or status != OK:
         reason = ("raised {}".format(type(failure).__name__) if failure is not None
                   else "exited with status {}".format(status))
         print("{}: the script {}; the {} captures made before that were saved to {}".format(
@@ -264,7 +264,7 @@ def _describe_value(value: Any) -> str:
 
 def _save_captures(cache: Dict[str, list], out: str, watched: List[Tuple[str, Any]],
                    say: Say) -> int:
-    """Save the non-empty keys of ``cache`` that storage takes to ``out``; return the values saved."""
+    """Save the keys of ``cache`` that have values and that storage takes; return the count."""
     import numpy as np
 
     for dotted, function in watched:

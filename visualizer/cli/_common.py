@@ -68,6 +68,12 @@ def add_quiet(parser: argparse.ArgumentParser, default: Any) -> None:
                         help="no progress messages (warnings and errors are still shown)")
 
 
+def add_sample(parser: argparse.ArgumentParser, verb: str) -> None:
+    """Add ``--sample``, the sample of a batch the command will ``verb`` (draw, show)."""
+    parser.add_argument("--sample", type=int, default=0, metavar="I",
+                        help="which sample of a batch to {} (default: %(default)s)".format(verb))
+
+
 def available(module: str) -> bool:
     """Tell whether ``module`` can be imported, without importing it."""
     try:

@@ -5,8 +5,8 @@ import re
 from typing import Any, List
 
 from .._errors import VisualizerError
-from ._common import (BAD_INPUT, FORMATTER, OK, Say, add_quiet, attention_shape, display_dir,
-                      error, load, require, write_figure)
+from ._common import (BAD_INPUT, FORMATTER, OK, Say, add_quiet, add_sample, attention_shape,
+                      display_dir, error, load, require, write_figure)
 
 DEFAULT_LIMIT = 12
 
@@ -37,8 +37,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N",
                         help="at most N figures per key, the first N calls "
                              "(default: %(default)s; 0 for all)")
-    parser.add_argument("--sample", type=int, default=0, metavar="I",
-                        help="which sample of a batch to draw (default: %(default)s)")
+    add_sample(parser, "draw")
     add_quiet(parser, argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -93,8 +92,8 @@ def run(args: argparse.Namespace, say: Say) -> int:
                                          " ({})".format("; ".join(notes)) if notes else ""))
     if not written:
         raise error("no attention maps to plot in {}: no key holds arrays shaped (batch, "
-                    "heads, N, N), (heads, N, N) or (N, N) (see the notes above, or pass "
-                    "--key); no figures were written".format(args.file))
+                    "heads, N, N), (heads, N, N) or (N, N) with a sample {}; without -q, each "
+                    "key skipped is named with the reason".format(args.file, args.sample))
     say("wrote {} figure{} to {}".format(
         len(written), "" if len(written) == 1 else "s", display_dir(args.out)))
     return OK

@@ -3,7 +3,7 @@ import argparse
 import os
 from typing import Any
 
-from ._common import FORMATTER, OK, Say, add_quiet, error, load, require
+from ._common import FORMATTER, OK, Say, add_quiet, add_sample, error, load, require
 
 _DESCRIPTION = """\
 Write one self-contained HTML page (no network needed to open it) of the
@@ -28,8 +28,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--view", choices=("head", "model", "image", "generation"),
                         help="which view (default: image if the file holds an image, "
                              "generation if it holds a prompt length, else model)")
-    parser.add_argument("--sample", type=int, default=0, metavar="I",
-                        help="which sample of a batch to show (default: %(default)s)")
+    add_sample(parser, "show")
     add_quiet(parser, argparse.SUPPRESS)
     parser.set_defaults(func=run)
 

@@ -152,6 +152,23 @@ def test_run_watch_saves_the_captures(project, tmp_path):
                      proc.stderr)
 
 
+def test_run_leaves_out_every_key_storage_refuses(project, tmp_path):
+    write(project / "texts.py", """\
+        def g(n):
+            name = "call {}".format(n)
+            ragged = [[0.0] * n, [1.0]]
+            return n
+        """)
+    write(project / "texts_script.py", "import texts\nfor n in (1, 2):\n    texts.g(n)\n")
+    proc = cli("run", "--no-presets", "--watch", "texts.g=name,ragged,n", "--out", "caps.npz",
+               project / "texts_script.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # strings would need pickle too: left out by name, like the dicts, and the rest is saved
+    assert "warning: not saved: 'g.name' (call 1 gave a str)" in proc.stderr
+    assert "warning: not saved: 'g.ragged' (call 2 gave a list of 2 items)" in proc.stderr
+    assert load(tmp_path / "caps.npz") == {"g.n": [1, 2]}
+
+
 def test_run_default_output_name_and_quiet(project, tmp_path):
     proc = cli("run", "-q", "--no-presets", "--watch", "mymod.attention=attn",
                project / "script.py", cwd=tmp_path)
@@ -304,7 +321,7 @@ def test_plot_bad_files(tmp_path):
     assert_clean_error(cli("plot", "text.npz", "--out", "o", cwd=tmp_path),
                        "text.npz is not a cache saved by visualizer")
     assert_clean_error(cli("plot", "array.npy", "--out", "o", cwd=tmp_path),
-                       "array.npy is not a cache saved by visualizer")
+                       "array.npy ", "not a cache saved by visualizer")
     assert_clean_error(cli("plot", "foreign.npz", "--out", "o", cwd=tmp_path),
                        "foreign.npz is an .npz archive but not a cache saved by visualizer",
                        "weights")
@@ -420,6 +437,57 @@ def test_plot_and_view_read_a_stream_folder(gl, tmp_path):
     assert len(names) == 3 and all(n.endswith(("_00.png", "_01.png", "_02.png")) for n in names)
     assert "wrote 3 figures to figs/" in proc.stderr
 
+# -- the same situation, the same exit status, in every command ----------------------
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A folder of files that ``plot`` and ``view`` cannot draw from, each for its own reason."""
+    require("numpy")
+    from visualizer import get_local
+
+    get_local.save(str(tmp_path / "empty.npz"), {})
+    get_local.save(str(tmp_path / "scalars.npz"), {"f.x": [1.0, 2.0]})
+    (tmp_path / "garbage.npz").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "folder").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("name,fragment", [
+    ("missing.npz", "no such file: missing.npz"),
+    ("garbage.npz", "garbage.npz is not a cache saved by visualizer"),
+    ("folder", "folder is a folder"),
+    ("empty.npz", "empty.npz holds no captures"),
+    ("scalars.npz", "no attention maps to"),
+])
+@pytest.mark.parametrize("command,out", [("plot", "figs"), ("view", "page.html")])
+def test_plot_and_view_give_the_same_status_for_the_same_input(inputs, command, out, name,
+                                                                 fragment):
+    from visualizer.cli._common import BAD_INPUT
+
+    if command == "plot" and name == "scalars.npz":
+        require("matplotlib")  # plot knows there is nothing to draw once it can draw
+    # -q: plot's notes on the keys it skips are progress; the error is the one line left
+    proc = cli("-q", command, name, "--out", out, cwd=inputs)
+    assert proc.returncode == BAD_INPUT
+    assert_clean_error(proc, fragment)
+    assert not (inputs / out).exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["missing.py"], "no such script: missing.py"),
+    (["folder"], "folder is a folder"),
+    (["--out", "folder", "script.py"], "--out folder is a folder"),
+    (["--out", "garbage.npz/caps.npz", "script.py"], "cannot create its folder"),
+])
+def test_run_gives_the_same_status_for_unusable_input(inputs, args, fragment):
+    from visualizer.cli._common import BAD_INPUT
+
+    (inputs / "script.py").write_text("print('ran')\n")
+    proc = cli("run", "--no-presets", "--watch", "json.dumps=obj", *args, cwd=inputs)
+    assert proc.returncode == BAD_INPUT
+    assert_clean_error(proc, fragment)
+    assert proc.stdout == ""  # the script never ran
+
 
 # -- with torch, timm and transformers ----------------------------------------------
 
@@ -456,8 +524,9 @@ def test_run_presets_on_a_timm_script_then_plot(tmp_path):
 def test_demo_without_the_model_libraries_says_what_to_install(monkeypatch, capsys):
     require("matplotlib")
     from visualizer import cli as cli_module
+    from visualizer.cli import _common
 
-    monkeypatch.setattr(cli_module, "_available", lambda name: name in ("matplotlib", "numpy"))
+    monkeypatch.setattr(_common, "available", lambda name: name in ("matplotlib", "numpy"))
     assert cli_module.main(["demo", "--out", "never"]) == 2
     err = capsys.readouterr().err
     assert err == ("visualizer: error: demo needs torch and timm for the ViT part or torch and "

@@ -1261,3 +1261,27 @@ def plot_generated_tokens(
     fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=colours), ax=ax, shrink=0.8,
                  label="weight / strip's largest")
     return fig
+
+
+def _generation_figures(stitched, steps, sample=0, limit=0, title=""):
+    """Draw each layer's generation and the last layer's generated positions; return both.
+
+    ``stitched`` holds one :func:`visualizer.generation.stitch` result per
+    layer, each stitched from ``steps`` maps (the prompt step included).
+    Positions stand in for tokens, which a saved file does not hold.  Returns
+    ``(figures of the first limit layers (0: all), the generated-tokens figure)``;
+    titles start with ``title``.  ``visualizer plot`` draws generations with it.
+    """
+    length = stitched[0].shape[-1]
+    prompt = length - steps + 1
+    labels = [str(i) for i in range(length + 1)]
+    count = len(stitched) if limit == 0 else min(limit, len(stitched))
+    per_layer = [
+        plot_generation(stitched[i], labels, prompt, sample=sample,
+                        title="{}: layer {} of {}, {} prompt + {} generated positions".format(
+                            title, i + 1, len(stitched), prompt, length + 1 - prompt))
+        for i in range(count)]
+    last = plot_generated_tokens(stitched[-1], labels, prompt, sample=sample,
+                                 title="{}: last layer, what each generated position "
+                                       "attended to".format(title))
+    return per_layer, last

@@ -25,7 +25,7 @@ def setup_torch(threads=THREADS):
 
 
 def has_presets():
-    """True when ``get_local.watch_attention`` exists (the presets of issue 5)."""
+    """True when ``get_local.watch_attention`` exists (the presets)."""
     from visualizer import get_local
 
     return hasattr(get_local, "watch_attention")

@@ -6,8 +6,8 @@ round by round: ``generate`` of ``gen_new`` tokens on the default (SDPA)
 model without capture (the baseline), under ``get_local.capture(queries=-1)``
 (each step's new row, at the kernel seam), under ``get_local.capture()``
 (full maps), and the eager model with and without
-``output_attentions=True``.  The capture rows need the kernel seam (issue 11:
-``capture(queries=...)``); without it they are skipped with a note.  Before
+``output_attentions=True``.  The capture rows need the kernel seam
+(``capture(queries=...)``); without it they are skipped with a note.  Before
 anything is timed, a gate checks that capture leaves the generated tokens
 unchanged and that the stitched capture equals the eager attention of one
 forward pass over the generated sequence.
@@ -50,7 +50,7 @@ def build(torch, eager=False):
 
 
 def has_seam(get_local):
-    """Whether this visualizer captures at the kernel seam with ``queries=`` (issue 11)."""
+    """Whether this visualizer captures at the kernel seam with ``queries=`` ."""
     import inspect
 
     return "queries" in inspect.signature(get_local.capture).parameters
@@ -123,8 +123,8 @@ def run(cfg, notes):
         summary["rows_vs_sdpa"] = paired_ratio(times, ROWS, SDPA)
         summary["full_vs_sdpa"] = paired_ratio(times, FULL, SDPA)
     else:
-        notes.append("generation: the capture rows need the kernel seam (issue 11, "
-                     "get_local.capture(queries=...)), which this checkout lacks; skipped.")
+        notes.append("generation: the capture rows need the kernel seam "
+                     "(get_local.capture(queries=...)), which this checkout lacks; skipped.")
     notes.append("generation: tiny random Llama (2 layers, 4 heads, 2 key/value heads, width "
                  "64), batch {}, prompt {} tokens, {} new tokens, greedy, {} rounds; the gate "
                  "checked that {}the eager steps stitch to one forward.".format(

@@ -45,7 +45,7 @@ import weakref
 from .. import _compat, _imports
 from .._errors import CaptureWarning, VisualizerValueError
 from .._state import Extension
-from . import Preset
+from ._common import Preset
 
 __all__ = ["Seam", "install", "uninstall", "adapter", "Call", "probabilities", "reduced",
            "reduce_map", "PRESET"]
@@ -236,9 +236,6 @@ class Seam(Extension):
 
 def install(state):
     """Serve ``state`` from now on; put the seam in place if it is not (torch must be imported)."""
-    from . import wait_for_adapters
-
-    wait_for_adapters()
     with _lock:
         _states.add(state)
         _patch()

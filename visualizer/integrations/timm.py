@@ -15,7 +15,7 @@ see ``visualizer.integrations.watch_softmax_outputs``).  On the fused path
 nothing is stored, and the kernel calls made inside the same method supply
 the maps, under the method's qualname, whichever path ran.
 """
-from . import Preset, watch_softmax_outputs
+from ._common import Preset, watch_softmax_outputs
 
 __all__ = ["PACKAGE", "PRESET", "watch_module"]
 

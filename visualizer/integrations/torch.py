@@ -13,7 +13,7 @@ captures it there, unchanged.  Two things need a preset while capturing:
 """
 import inspect
 
-from . import Preset
+from ._common import Preset
 
 __all__ = ["PRESET", "multihead_forward", "watch_multihead"]
 

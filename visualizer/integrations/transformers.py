@@ -29,10 +29,12 @@ of each modeling module.  So:
 """
 import sys
 
-from . import Preset, kernel, watch_softmax_outputs
+from .. import _imports
+from . import kernel
+from ._common import Preset, watch_softmax_outputs
 
 __all__ = ["PACKAGE", "PRESET", "SDPA_MODULE", "adapt_sdpa", "is_modeling_module",
-           "on_sdpa_module", "watch_modeling_module"]
+           "on_sdpa_module", "wait_for_adapters", "watch_modeling_module"]
 
 PACKAGE = "transformers"
 SDPA_MODULE = PACKAGE + ".integrations.sdpa_attention"
@@ -77,6 +79,16 @@ def watch_modeling_module(get_local, module):
     # BigBird-Pegasus encoder's full attention).  Classes that dispatch to
     # eager_attention_forward store no softmax and are left alone.
     return watched + watch_softmax_outputs(get_local, module)
+
+
+_adapters_waiting = []
+
+
+def wait_for_adapters():
+    """Register the kernel adapters when (if) transformers' sdpa module is imported, once."""
+    if not _adapters_waiting:
+        _adapters_waiting.append(True)
+        _imports.when_imported(SDPA_MODULE, on_sdpa_module)
 
 
 def on_sdpa_module(module):

@@ -14,7 +14,7 @@ reads the first rank file there is.
 
 ``visualizer.storage`` decides which format a path holds and calls this
 module only for a manifest of ranks; a single process saves and loads one
-plain ``.npz`` file (``npz``), as before.
+plain ``.npz`` file (``npz``).
 """
 import os
 import warnings

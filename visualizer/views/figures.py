@@ -1050,7 +1050,7 @@ def save_figure(fig: Figure, path: Union[str, "os.PathLike[str]"], dpi: int = 15
 
 
 # ===========================================================================
-# Generation: attention over a generated continuation (issue 13).
+# Generation: attention over a generated continuation.
 # Appended as one section; takes the output of visualizer.generation.stitch.
 # ===========================================================================
 

@@ -14,7 +14,7 @@ imported by the user's code (``visualizer._imports``).  The next library is
 one new module, and an entry in ``visualizer.presets.FAMILIES`` if it needs a
 preset.
 """
-from .. import _imports
+from .. import _compat, _imports
 
 __all__ = ["wait_for_adapters", "watch_softmax_outputs"]
 
@@ -51,7 +51,7 @@ def watch_softmax_outputs(get_local, module, named=True):
                     break
                 function = inner
             code = getattr(function, "__code__", None)
-            if code is None or not callable(function) or code.co_flags & 0x2A0:
+            if code is None or not callable(function) or code.co_flags & _compat.CO_NOT_PLAIN:
                 continue  # not a plain function (generators and coroutines are refused)
             names = softmax_outputs(code)
             if names:

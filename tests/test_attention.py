@@ -248,7 +248,7 @@ def test_patch_grid_with_grid_or_prefix_given():
     assert attention.patch_grid(25, grid=(4, 6)) == ((4, 6), 1)
     assert attention.patch_grid(21, num_prefix_tokens=5) == ((4, 4), 5)
     assert attention.patch_grid(21, grid=(4, 4), num_prefix_tokens=5) == ((4, 4), 5)
-    for kwargs, message in (({"grid": 5}, "25 patches, which does not fit attention over 17"),
+    for kwargs, message in (({"grid": 5}, "25 patches and does not fit attention over 17"),
                             ({"grid": 4, "num_prefix_tokens": 0}, "fix grid or num_prefix_tokens"),
                             ({"num_prefix_tokens": 17}, "num_prefix_tokens=17 does not fit"),
                             ({"num_prefix_tokens": 0}, "17 tokens minus 0 prefix tokens"),

@@ -548,7 +548,7 @@ def patch_grid(num_tokens, grid=None, num_prefix_tokens=None):
         prefix = num_tokens - rows * cols
         if prefix < 0:
             raise VisualizerValueError(
-                "grid {}x{} has {} patches, which does not fit attention over {} tokens: pass "
+                "grid {}x{} has {} patches and does not fit attention over {} tokens: pass "
                 "the patch grid of the model (image size // patch size)".format(
                     rows, cols, rows * cols, num_tokens))
         if num_prefix_tokens is not None and num_prefix_tokens != prefix:

@@ -7,11 +7,13 @@ how query ``i`` shares its attention over the keys.
 Neither NumPy nor torch is imported with this module (the core imports it):
 NumPy is imported by the functions that need it, and torch is never imported
 at all.  A torch tensor is recognised by its type subclassing
-``sys.modules['torch'].Tensor``, and the functions that work on both
-(``select``, ``reduce_map``, ``reduce_rows``, ``rollout_step``, ``rownorm``)
-use only what NumPy arrays and torch tensors share (indexing, ``@``,
-``mean``/``sum`` over an axis), plus the few calls of ``_NumPy``/``_Torch``,
-so a tensor stays on its device and in the autograd graph.
+``sys.modules['torch'].Tensor``.  The functions that take both arrays and
+tensors (``select``, ``reduce_map``, ``reduce_rows``, ``rollout_step``,
+``rownorm``) use what the two share (indexing, ``@``, ``mean``/``sum`` over
+an axis) and four calls that differ (``_NumPy``, ``_Torch``), so the
+capture-time reductions of the kernel seam and the NumPy rollout of the
+figures run the same formulas, and a tensor stays on its device and in the
+autograd graph.
 
 >>> import numpy as np
 >>> one = np.full((2, 3, 3), 1 / 3)         # 2 heads, 3 tokens

@@ -17,6 +17,25 @@ PY313 = sys.version_info >= (3, 13)
 # the wrong slot, so they are refused (see _rewrite.shadowed_names).
 SHADOWED_SLOTS_UNSAFE = PY313
 
+# Code object flags (Include/cpython/code.h); their values have not changed
+# in any version we support.
+CO_VARARGS = 0x04
+CO_VARKEYWORDS = 0x08
+CO_GENERATOR = 0x20
+CO_COROUTINE = 0x80
+CO_ITERABLE_COROUTINE = 0x100
+CO_ASYNC_GENERATOR = 0x200
+# A function with any of these does not return when its caller is done with it,
+# so "the value when it returns" has no clear meaning: the rewrite refuses it.
+CO_NOT_PLAIN = CO_GENERATOR | CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_ASYNC_GENERATOR
+
+
+def argument_count(code):
+    """Return how many of ``code.co_varnames`` are arguments (``*args`` and ``**kwargs`` too)."""
+    return (code.co_argcount + code.co_kwonlyargcount
+            + bool(code.co_flags & CO_VARARGS) + bool(code.co_flags & CO_VARKEYWORDS))
+
+
 # Instructions that end a function normally.  RETURN_CONST arrived in 3.12
 # (python/cpython#101632) and returns without pushing the value first.
 RETURN_OPS = frozenset({"RETURN_VALUE", "RETURN_CONST"})

@@ -8,7 +8,7 @@ import contextlib
 import types
 import weakref
 
-from . import _resolve, _rewrite
+from . import _compat, _resolve, _rewrite
 from .storage import memory as _store, stream as _stream
 from ._errors import VisualizerTypeError, VisualizerValueError
 from ._state import PLUGINS, State
@@ -106,13 +106,13 @@ class GetLocal:
         names = _check_names(names) if names or not overrides else ()
         obj = _resolve.resolve(target) if isinstance(target, str) else target
         function, default_source = _function_of(obj, names, tuple(overrides or ()))
+        arguments = function.__code__.co_varnames[:_compat.argument_count(function.__code__)]
         if source is None:
             source = default_source
-        elif source not in function.__code__.co_varnames[:_n_args(function.__code__)]:
+        elif source not in arguments:
             raise VisualizerValueError(
                 "watch: source {!r} is not an argument of {}; its arguments are: {}".format(
-                    source, function.__qualname__,
-                    ", ".join(function.__code__.co_varnames[:_n_args(function.__code__)])))
+                    source, function.__qualname__, ", ".join(arguments)))
         target = self._state.register(function, names, source, overrides, explicit, attention,
                                       collect)
         if explicit and names:
@@ -515,11 +515,6 @@ def _function_of(obj, names, reads=()):
                     ", ".join(sorted(_rewrite.loaded_attributes(code)))))
         obj = wrapped
     return obj, _source_argument(obj) if source_allowed else None
-
-
-def _n_args(code):
-    return (code.co_argcount + code.co_kwonlyargcount
-            + bool(code.co_flags & 0x04) + bool(code.co_flags & 0x08))
 
 
 def _candidate_functions(obj):

@@ -47,6 +47,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
+from .attention import as_array
 
 __all__ = ["stitch", "split_runs", "steps_by_module", "split_layers"]
 
@@ -60,19 +61,9 @@ _SUM_ATOL = 1e-2
 
 
 def _array(value: Any, what: str) -> np.ndarray:
-    """``value`` as a float NumPy array; a torch tensor is converted without importing torch."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu()
-        if getattr(value, "is_floating_point", lambda: False)() and \
-                str(getattr(value, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
-            value = value.float()
-        value = value.numpy()
-    try:
-        array = np.asarray(value)
-    except Exception as exc:
-        raise VisualizerTypeError("{} is a {}, not an array: {}".format(
-            what, type(value).__name__, exc)) from None
-    if array.dtype.kind not in "fiub" or array.dtype.kind == "b":
+    """``value`` as a NumPy array of numbers, in its own dtype (half precisions as float32)."""
+    array = as_array(value, what, dtype=None)
+    if array.dtype.kind not in "fiu":
         raise VisualizerTypeError("{} has dtype {}, not attention probabilities".format(
             what, array.dtype))
     return array

@@ -1,5 +1,5 @@
 """What the libraries' modules share: a preset's shape, what counts as a softmax, watching them."""
-from .. import _rewrite
+from .. import _compat, _rewrite
 
 __all__ = ["Preset", "is_softmax", "softmax_outputs", "watch_softmax_outputs"]
 
@@ -74,7 +74,7 @@ def watch_softmax_outputs(get_local, module, named=True):
                     break
                 function = inner
             code = getattr(function, "__code__", None)
-            if code is None or not callable(function) or code.co_flags & 0x2A0:
+            if code is None or not callable(function) or code.co_flags & _compat.CO_NOT_PLAIN:
                 continue  # not a plain function (generators and coroutines are refused)
             names = softmax_outputs(code)
             if names:

@@ -42,8 +42,8 @@ import threading
 import warnings
 import weakref
 
-from .. import _compat, _imports
-from .._errors import CaptureWarning, VisualizerValueError
+from .. import _compat, _imports, attention
+from .._errors import CaptureWarning
 from .._state import Extension
 from ._common import Preset
 
@@ -126,7 +126,7 @@ def _probabilities(torch, call, queries, heads):
     k_heads = k.shape[-3] if k.dim() >= 3 else 1
     group = q_heads // k_heads if k_heads not in (1, q_heads) and q_heads % k_heads == 0 else 1
     if heads is not None and q.dim() >= 3:
-        picked = _positions(heads, q_heads, "heads")
+        picked = attention.positions(heads, q_heads, "heads")
         if picked != list(range(q_heads)):
             head_index = torch.tensor(picked, dtype=torch.long, device=device)
             q = q.index_select(-3, head_index)
@@ -137,7 +137,7 @@ def _probabilities(torch, call, queries, heads):
                 k = k.index_select(-3, head_index)
     rows = None  # the query positions kept, when not all
     if queries is not None:
-        picked = _positions(queries, length, "queries")
+        picked = attention.positions(queries, length, "queries")
         if picked != list(range(length)):
             rows = picked
             first = picked[0]
@@ -182,25 +182,6 @@ def _probabilities(torch, call, queries, heads):
     else:  # pragma: no cover - torch before 2.5: fully masked rows are zeros there too
         probs = torch.softmax(scores, -1).nan_to_num(0.0)
     return probs.to(dtype)
-
-
-def _positions(selection, size, what):
-    """The positions (non-negative ints) ``selection`` picks out of ``size``."""
-    if isinstance(selection, slice):
-        return list(range(size))[selection]
-    picked = [selection] if isinstance(selection, int) else list(selection)
-    out = []
-    for i in picked:
-        if not -size <= i < size:
-            raise IndexError("{}={!r}: position {} is out of range for {} {}".format(
-                what, selection, i, size, "heads" if what == "heads" else "queries"))
-        out.append(i % size)
-    return out
-
-
-def _index(torch, selection, size, device, what):
-    """A LongTensor of the positions ``selection`` picks out of ``size``."""
-    return torch.tensor(_positions(selection, size, what), dtype=torch.long, device=device)
 
 
 # -- installing the seam --------------------------------------------------------------
@@ -451,130 +432,24 @@ def _deliver(state, frame, call):
 
 # -- reductions at compute time (``reduce=``) ------------------------------------------
 
-REDUCTIONS = ("head_mean", "received", "rollout")
-ROWS_PER_CHUNK = 256  # query rows computed at once: the largest block is (..., heads, 256, keys)
+# The reductions themselves are in visualizer.attention; __all__ names these two here.
+REDUCTIONS = attention.REDUCTIONS
+reduce_map = attention.reduce_map
+# The seam's own block size: query rows computed at once, so (..., heads, 256, keys) at most.
+ROWS_PER_CHUNK = attention.ROWS_PER_CHUNK
 
 
 def reduced(call, reduce, queries=None, heads=None, grad=False, running=None, owner=None,
             rows_per_chunk=None):
     """Return a reduction of a kernel call's probabilities, computed ``rows_per_chunk`` rows at a time.
 
-    The full ``(..., heads, queries, keys)`` matrix never exists at once:
-    each block of query rows is computed (as ``probabilities`` does), reduced
-    and dropped.  ``reduce`` is one of:
-
-    * ``'head_mean'``: the mean over the (selected) heads, ``(..., queries, keys)``;
-    * ``'received'``: the attention each key receives, the sum over the
-      (selected) query rows, ``(..., heads, keys)``;
-    * ``'rollout'``: attention rollout (Abnar & Zuidema, 2020) through this
-      call, ``(..., queries, keys)``: ``R = Â @ R_before`` with
-      ``Â = rownorm(0.5 · mean_heads(A) + 0.5 · I)`` and ``R_before`` the
-      rollout of the previous call of the same forward (the identity for its
-      first call).  ``running`` (a dict, kept by the storage) holds
-      ``R_before``; a forward is a run of calls in which no ``owner`` (the
-      attention module) repeats and the token count stays the same, so the
-      rollout starts again when a module already in it is called again.
-      ``queries`` picks rows of the result, not of the layer's attention.
-
+    Each block of query rows is computed as ``probabilities`` does, reduced
+    and dropped, so the full ``(..., heads, queries, keys)`` matrix never
+    exists at once.  ``reduce`` (``'head_mean'``, ``'received'`` or
+    ``'rollout'``), ``queries``, ``running`` and ``owner`` are as for
+    ``visualizer.attention.reduce_rows``; ``heads`` are picked before.
     The result is float32 for float16/bfloat16 inputs, else the query's dtype.
     """
-    rows_of = (lambda rows: probabilities(call, rows, heads, grad))
-    return _reduce(rows_of, call.query.shape[-2], call.key.shape[-2], reduce, queries,
-                   running, owner, rows_per_chunk or ROWS_PER_CHUNK, call.query)
-
-
-def reduce_map(value, reduce, queries=None, heads=None, running=None, owner=None):
-    """Return ``reduced`` for an attention map ``(..., heads, queries, keys)`` computed in full."""
-    torch = sys.modules["torch"]
-    if not isinstance(value, torch.Tensor):
-        value = torch.as_tensor(value)
-    if value.dim() < 3:
-        value = value.unsqueeze(-3)
-    if heads is not None:
-        value = value.index_select(-3, _index(torch, heads, value.shape[-3], value.device,
-                                              "heads"))
-
-    def rows_of(rows):
-        return value.index_select(-2, _index(torch, rows, value.shape[-2], value.device,
-                                             "queries"))
-
-    return _reduce(rows_of, value.shape[-2], value.shape[-1], reduce, queries, running, owner,
-                   ROWS_PER_CHUNK, value)
-
-
-def _reduce(rows_of, length, keys, reduce, queries, running, owner, chunk, like):
-    torch = sys.modules["torch"]
-    if reduce not in REDUCTIONS:
-        raise VisualizerValueError("reduce must be one of {}, got {!r}".format(
-            ", ".join(map(repr, REDUCTIONS)), reduce))
-    dtype = like.dtype
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    picked = _index(torch, queries, length, like.device, "queries").tolist() \
-        if queries is not None else None
-    if reduce == "rollout":
-        return _rollout(torch, rows_of, length, keys, picked, running, owner, chunk, work,
-                        like.device)
-    rows = picked if picked is not None else range(length)
-    out = None
-    for start in range(0, len(rows), chunk):
-        block = rows_of(_rows(rows, start, chunk))
-        if block.dim() < 3:  # no heads axis: one head
-            block = block.unsqueeze(-3)
-        block = block.to(work)
-        if reduce == "head_mean":
-            part = block.mean(-3)
-            if out is None:  # filled in place: no second copy of the result for a cat
-                out = part.new_empty(part.shape[:-2] + (len(rows), keys))
-            out[..., start:start + part.shape[-2], :] = part
-        else:
-            summed = block.sum(-2)
-            out = summed if out is None else out + summed
-        del block
-    return out
-
-
-def _rows(rows, start, chunk):
-    if isinstance(rows, range):
-        return slice(start, min(start + chunk, len(rows)))
-    return rows[start:start + chunk]
-
-
-def _rollout(torch, rows_of, length, keys, picked, running, owner, chunk, work, device):
-    if length != keys:
-        raise VisualizerValueError(
-            "reduce='rollout' needs self-attention over the same tokens ({} queries against "
-            "{} keys here: cross-attention or decoding with a KV cache); capture the maps "
-            "and use visualizer.plotting.attention_rollout on the layers you want".format(
-                length, keys))
-    if running is None:
-        running = {}
-    before = running.get("matrix")
-    seen = running.setdefault("owners", set())
-    token = id(owner) if owner is not None else None
-    if before is not None and (token is None or token in seen):
-        before = None  # a new forward begins
-    matrix = None
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        block = rows_of(slice(start, stop))
-        if block.dim() < 3:
-            block = block.unsqueeze(-3)
-        fused = block.to(work).mean(-3) * 0.5
-        del block
-        if start == 0 and before is not None and (
-                before.shape[:-2] != fused.shape[:-2] or before.shape[-1] != length):
-            before = None  # other inputs: a new forward
-        diagonal = torch.arange(start, stop, device=device)
-        fused[..., diagonal - start, diagonal] += 0.5
-        fused = fused / fused.sum(-1, keepdim=True)
-        rows = fused if before is None else torch.matmul(fused, before)
-        if matrix is None:
-            matrix = rows.new_empty(rows.shape[:-2] + (length, length))
-        matrix[..., start:stop, :] = rows
-    if before is None:
-        seen.clear()
-    running["matrix"] = matrix
-    seen.add(token)
-    if picked is None:
-        return matrix
-    return matrix.index_select(-2, torch.tensor(picked, dtype=torch.long, device=device))
+    return attention.reduce_rows(lambda rows: probabilities(call, rows, heads, grad),
+                                 call.query.shape[-2], call.key.shape[-2], reduce, queries,
+                                 running, owner, rows_per_chunk or ROWS_PER_CHUNK, call.query)

@@ -14,74 +14,20 @@ it is.  Other kinds of storage, chosen with ``get_local.configure`` or
 A ``transform`` runs on the raw value before it is stored (head mean, CLS row,
 float16...), and ``keep_last=N`` keeps only the last N values of each key.
 
-Torch is never imported here: a type counts as a tensor only if ``torch`` is
-already in ``sys.modules`` and the type subclasses ``torch.Tensor``.  The
-answer is remembered per type, so the common case costs one lookup.
+Torch is never imported here: tensors are recognised and converted by
+``visualizer.attention`` (``is_tensor``, ``to_numpy``), as are the
+``queries=``, ``heads=`` and ``reduce=`` of attention maps.
 """
-import sys
-import warnings
 import weakref
 
 from .._errors import VisualizerTypeError, VisualizerValueError
+# The recorder (_state.make_record) reads plain_types and to_numpy from this module.
+from ..attention import (check_reduce, check_selection, is_tensor, plain_types,  # noqa: F401
+                         reduce_map, select, to_numpy)
 
 KINDS = ("numpy", "tensor", "graph", "none")
 
 NO_SOURCE = object()
-
-# Types known not to be tensors; the fast path of the recorder looks here first.
-plain_types = set()
-_tensor_types = set()
-
-
-def is_tensor(value):
-    """Return True if ``value`` is a torch tensor (without importing torch)."""
-    tp = type(value)
-    if tp in plain_types:
-        return False
-    if tp in _tensor_types:
-        return True
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(tp, type) and issubclass(tp, torch.Tensor):
-        _tensor_types.add(tp)
-        return True
-    plain_types.add(tp)
-    return False
-
-
-def tensor_to_numpy(tensor):
-    """Return a detached CPU NumPy copy of ``tensor``; half precisions become float32.
-
-    A tensor on the meta device has no data to copy and is kept, detached.
-    """
-    import torch  # only reached with a tensor in hand, so torch is imported already
-
-    t = tensor.detach()
-    if t.device.type == "meta":
-        return t  # shapes without data (timm builds models there): nothing to copy
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    if torch.jit.is_tracing():
-        # Our copy is not part of the model: torch.jit.trace must not warn that
-        # it "might cause the trace to be incorrect".
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return _cpu_copy(t)
-    return _cpu_copy(t)
-
-
-def _cpu_copy(t):
-    # .numpy() shares memory with a CPU tensor that the model may still change
-    # in place after returning, so keep a copy nothing else can write to.
-    if t.device.type == "cpu":
-        return t.numpy().copy()
-    return t.cpu().numpy()
-
-
-def to_numpy(value):
-    """Return what the default storage keeps for ``value``."""
-    if is_tensor(value):
-        return tensor_to_numpy(value)
-    return value
 
 
 def _detached_copy(value):
@@ -127,11 +73,7 @@ class Storage:
         self.keep_last = keep_last
         self.queries = check_selection(queries, "queries")
         self.heads = check_selection(heads, "heads")
-        if reduce is not None and reduce not in REDUCTIONS:
-            raise VisualizerValueError(
-                "reduce must be None or one of {}, got {!r}".format(
-                    ", ".join(map(repr, REDUCTIONS)), reduce))
-        self.reduce = reduce
+        self.reduce = check_reduce(reduce, optional=True)
         self.running = {} if reduce == "rollout" else None  # the rollout so far
         if stream is not None:
             check_stream(stream, kind, keep_last)
@@ -154,8 +96,6 @@ class Storage:
         is the module that computed it (the rollout's layer).
         """
         if attention and self.reduce is not None and getattr(value, "ndim", 0) >= 2:
-            from ..integrations.kernel import reduce_map
-
             value = reduce_map(value, self.reduce, self.queries, self.heads, self.running,
                                source)
         elif attention and (self.queries is not None or self.heads is not None):
@@ -187,9 +127,6 @@ class Storage:
                     self.reduce, self.stream)
 
 
-REDUCTIONS = ("head_mean", "received", "rollout")  # as integrations.kernel.REDUCTIONS
-
-
 def check_stream(stream, kind, keep_last):
     """Check a ``stream=`` option: a folder path, with NumPy storage and no ``keep_last``."""
     import os
@@ -206,37 +143,6 @@ def check_stream(stream, kind, keep_last):
         raise VisualizerValueError(
             "stream={!r} keeps every capture on disk and none in memory, so keep_last={!r} "
             "has nothing to bound; drop one of them".format(stream, keep_last))
-
-
-def check_selection(selection, what):
-    """Check a ``queries=`` or ``heads=`` option: None, an int, a slice or a sequence of ints."""
-    if selection is None or isinstance(selection, slice):
-        return selection
-    if isinstance(selection, int) and not isinstance(selection, bool):
-        return selection
-    if isinstance(selection, (list, tuple, range)):
-        items = list(selection)
-        if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-            return tuple(items)
-    raise VisualizerTypeError(
-        "{0} must be an int, a slice or a non-empty sequence of ints (e.g. {0}=-1, "
-        "{0}=slice(0, 4), {0}=[0, 5]), got {1} {2!r}".format(
-            what, type(selection).__name__, selection))
-
-
-def select(value, queries, heads):
-    """Pick query rows and heads of an attention map ``(..., heads, queries, keys)``."""
-    if getattr(value, "ndim", 0) < 2:
-        return value
-    if queries is not None:
-        rows = [queries] if isinstance(queries, int) else queries
-        value = value[..., list(range(value.shape[-2]))[rows] if isinstance(rows, slice)
-                      else list(rows), :]
-    if heads is not None and value.ndim >= 3:
-        picked = [heads] if isinstance(heads, int) else heads
-        index = list(range(value.shape[-3]))[picked] if isinstance(picked, slice) else list(picked)
-        value = value[..., index, :, :]
-    return value
 
 
 def source_ref(source):

@@ -257,22 +257,23 @@ def image_view(attentions: Any, image: Any, *, grid: Any = None,
     ((2, 2), 1)
     """
     from . import pages
+    from .. import attention
     from .pages import _data
 
-    labels, maps = _data.stack_layers(attentions, sample)
-    n = maps.shape[-1]
-    (rows, cols), prefix = _data.infer_grid(n, grid, num_prefix_tokens)
+    labels, full = _data.stack_layers(attentions, sample)
+    n = full.shape[-1]
+    (rows, cols), prefix = attention.patch_grid(n, grid, num_prefix_tokens)
     rgb = _data.image_uint8(image)
     labels, maps, encoded, block, dtype, notes, n = _prepare(
-        dict(zip(labels, maps)), 0, precision, max_bytes, (rows, cols), prefix)
+        dict(zip(labels, full)), 0, precision, max_bytes, (rows, cols), prefix)
     shown_grid = (-(-rows // block), -(-cols // block))
     data = {"layers": labels, "heads": int(maps.shape[1]), "maps": encoded,
             "grid": list(shown_grid), "prefix": prefix, "block": block,
             "image": _data.png_data_uri(rgb), "image_size": [int(rgb.shape[0]), int(rgb.shape[1])],
             "note": "; ".join(notes)}
     if rollout:
-        _, full = _data.stack_layers(attentions, sample)
-        rolled = _data.rollout(full)
+        # the rollout after each layer, with the mean of heads (float64, as the figures)
+        rolled = attention.rollout(full, each=True).astype("float32")
         if block > 1:
             rolled = _data.pool(rolled, block, (rows, cols), prefix)
         data["rollout"] = _data.encode_maps(rolled, dtype)

@@ -10,8 +10,8 @@ nothing is shown: display the returned figure in a notebook, or write it with
 Inputs are attention probabilities as captured from a ViT or BERT layer:
 ``(heads, N, N)`` for one sample, or ``(batch, heads, N, N)`` with ``sample=``
 choosing the sample.  NumPy arrays, nested lists and torch tensors are all
-accepted (torch is never imported here; a tensor is recognised by its
-``detach`` method).
+accepted (torch is never imported here; ``visualizer.attention`` converts
+tensors, infers patch grids and computes the rollout).
 
 Conventions a reader needs to know:
 
@@ -47,6 +47,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .._errors import VisualizerTypeError, VisualizerValueError
+from ..attention import parse_grid, patch_grid, positive_pair, rollout, sample_maps, to_numpy
 
 __all__ = [
     "plot_head",
@@ -63,68 +64,17 @@ __all__ = [
 GridLike = Union[int, Tuple[int, int]]
 PatchLike = Union[int, Tuple[int, int]]
 
-# timm's DEFAULT_CROP_PCT, used by its eval transform when a model sets none.
+# model_input_image's crop_pct when neither the call nor a config gives one: the
+# share of the resized image that the usual ImageNet evaluation keeps (resize
+# to 256, centre crop 224).  A model's own value comes from its config.
 DEFAULT_CROP_PCT = 0.875
-
-# Largest number of prefix tokens (CLS, distillation, registers) tried when
-# the patch grid is inferred from the sequence length.
-_MAX_INFERRED_PREFIX = 16
+# The 'border' crop mode's fill when no config gives a mean: the ImageNet mean colour.
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
 
 
 # ---------------------------------------------------------------------------
 # Input normalisation
 # ---------------------------------------------------------------------------
-
-def _to_numpy(value, what):
-    """Return ``value`` as a float64 NumPy array; torch tensors without importing torch."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().float().numpy()
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise VisualizerTypeError(
-            "expected {} as a NumPy array, a torch tensor or nested lists of numbers, "
-            "got {}: {}".format(what, type(value).__name__, exc)
-        ) from exc
-    return arr
-
-
-def _attention(attn, sample=0, square=True, what="attention"):
-    """Return one sample's attention as a float array ``(heads, Nq, Nk)``.
-
-    Accepts ``(N, N)`` (one head), ``(heads, N, N)`` and ``(batch, heads, N, N)``.
-    """
-    arr = _to_numpy(attn, what)
-    if arr.ndim == 4:
-        if not -arr.shape[0] <= sample < arr.shape[0]:
-            raise VisualizerValueError(
-                "sample={} is out of range for {} of shape {} (batch of {}): "
-                "pass sample between 0 and {}".format(
-                    sample, what, arr.shape, arr.shape[0], arr.shape[0] - 1)
-            )
-        arr = arr[sample]
-    elif arr.ndim == 2:
-        arr = arr[None]
-    elif arr.ndim != 3:
-        raise VisualizerValueError(
-            "expected {} of shape (heads, tokens, tokens) or (batch, heads, tokens, tokens), "
-            "got shape {}".format(what, tuple(arr.shape))
-        )
-    if square and arr.shape[-1] != arr.shape[-2]:
-        raise VisualizerValueError(
-            "expected {} of shape (heads, tokens, tokens) with as many queries as keys, "
-            "got shape {}".format(what, tuple(arr.shape))
-        )
-    if arr.size == 0:
-        raise VisualizerValueError("expected non-empty {}, got shape {}".format(what, tuple(arr.shape)))
-    if not np.all(np.isfinite(arr)):
-        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-        raise VisualizerValueError(
-            "{} contains NaN or inf (first at index {} of shape {}): plot probabilities "
-            "after softmax, with masked rows removed".format(what, bad, tuple(arr.shape))
-        )
-    return arr
-
 
 def _select_head(attn, head):
     """Return the ``(Nq, Nk)`` map of ``head``, or the mean over heads for ``None``."""
@@ -138,68 +88,6 @@ def _select_head(attn, head):
             "or head=None for the mean".format(head, attn.shape[0], attn.shape[0] - 1)
         )
     return attn[head]
-
-
-def _parse_pair(value, expected, name):
-    """Return a pair of positive ints from an int (both the same) or a pair.
-
-    ``expected`` describes the accepted forms and ``name`` the value, for errors.
-    """
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        first = second = int(value)
-    else:
-        try:
-            first, second = (int(v) for v in value)
-        except (TypeError, ValueError):
-            raise VisualizerTypeError(
-                "expected {} as {}, got {!r}".format(name, expected, value)) from None
-    if first <= 0 or second <= 0:
-        raise VisualizerValueError("expected a positive {}, got {!r}".format(name, value))
-    return first, second
-
-
-def _parse_grid(grid):
-    """Return ``(rows, cols)`` from an int (square grid) or a ``(rows, cols)`` pair."""
-    return _parse_pair(grid, "an int or a (rows, cols) pair", "patch grid")
-
-
-def _grid(grid, num_tokens, num_prefix_tokens):
-    """Return ``((rows, cols), num_prefix_tokens)`` for a sequence of ``num_tokens``."""
-    if grid is not None:
-        rows, cols = _parse_grid(grid)
-        prefix = num_tokens - rows * cols
-        if num_prefix_tokens is not None and num_prefix_tokens != prefix:
-            raise VisualizerValueError(
-                "grid {}x{} and num_prefix_tokens={} need {} tokens, but the attention has {}: "
-                "fix grid or num_prefix_tokens".format(
-                    rows, cols, num_prefix_tokens, rows * cols + num_prefix_tokens, num_tokens)
-            )
-        if prefix < 0:
-            raise VisualizerValueError(
-                "grid {}x{} has {} patches but the attention has only {} tokens: pass the patch "
-                "grid of the model (image size // patch size)".format(rows, cols, rows * cols, num_tokens)
-            )
-        return (rows, cols), prefix
-    if num_prefix_tokens is not None:
-        if num_prefix_tokens < 0 or num_prefix_tokens >= num_tokens:
-            raise VisualizerValueError(
-                "num_prefix_tokens={} does not fit attention over {} tokens".format(num_prefix_tokens, num_tokens)
-            )
-        side = math.isqrt(num_tokens - num_prefix_tokens)
-        if side * side != num_tokens - num_prefix_tokens:
-            raise VisualizerValueError(
-                "{} tokens minus {} prefix tokens leaves {} patches, which is not a square grid: "
-                "pass grid=(rows, cols)".format(num_tokens, num_prefix_tokens, num_tokens - num_prefix_tokens)
-            )
-        return (side, side), num_prefix_tokens
-    for prefix in range(0, min(_MAX_INFERRED_PREFIX, num_tokens - 1) + 1):
-        side = math.isqrt(num_tokens - prefix)
-        if side * side == num_tokens - prefix:
-            return (side, side), prefix
-    raise VisualizerValueError(
-        "cannot infer a square patch grid from {} tokens: pass grid=(rows, cols) "
-        "or num_prefix_tokens".format(num_tokens)
-    )
 
 
 def _patch_rc(patch, grid, what="patch"):
@@ -247,9 +135,7 @@ def _image_array(image, what="image"):
     pil = _pil_image(image)
     if pil is not None:
         return np.asarray(pil, dtype=np.float32) / 255.0
-    if hasattr(image, "detach") and hasattr(image, "cpu"):
-        image = image.detach().cpu().numpy()
-    arr = np.asarray(image)
+    arr = np.asarray(to_numpy(image))
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
@@ -329,7 +215,7 @@ def plot_head(
     >>> fig.axes[0].images[0].get_array().shape
     (4, 4)
     """
-    arr = _attention(attn, sample, square=False)
+    arr = sample_maps(attn, sample, square=False)
     data = _select_head(arr, head)
     fig, ax = _figure_and_axes(ax, figsize)
     im = ax.imshow(data, cmap=cmap, interpolation="nearest", aspect="equal", vmin=vmin, vmax=vmax)
@@ -372,7 +258,7 @@ def plot_heads(
     >>> [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.images][-1]
     'mean'
     """
-    arr = _attention(attn, sample, square=False)
+    arr = sample_maps(attn, sample, square=False)
     heads = arr.shape[0]
     panels = [(arr[h], "head {}".format(h)) for h in range(heads)]
     if mean:
@@ -499,7 +385,7 @@ def _crop_or_pad(image, crop_h, crop_w, fill):
 
 def model_input_image(
     image: Any,
-    size: Union[int, Tuple[int, int], Mapping[str, Any]] = 224,
+    size: Union[int, Tuple[int, int], Mapping[str, Any], Any] = 224,
     crop_pct: Optional[float] = DEFAULT_CROP_PCT,
     *,
     resize: Optional[int] = None,
@@ -517,10 +403,13 @@ def model_input_image(
 
     ``image`` is a PIL image, a path or open file, or an ``(H, W, 3)`` array
     (uint8, or float in [0, 1]).  ``size`` is the crop (an int, or
-    ``(height, width)``), or a timm data config, e.g.
-    ``timm.data.resolve_data_config({}, model=model)``, whose ``input_size``,
-    ``crop_pct``, ``interpolation`` and ``crop_mode`` are then used.  For an
-    explicit torchvision-style pair ``Resize(256), CenterCrop(224)`` pass
+    ``(height, width)``), a data config, e.g.
+    ``timm.data.resolve_data_config({}, model=model)``, or the model itself
+    when it carries one as ``pretrained_cfg`` (timm's models do); the
+    config's ``input_size``, ``crop_pct``, ``interpolation``, ``crop_mode``
+    and ``mean`` are then used.  Without a config, or when it gives none,
+    ``crop_pct`` is ``DEFAULT_CROP_PCT`` (0.875: resize to 256, crop 224, the
+    usual ImageNet evaluation).  For an explicit torchvision-style pair ``Resize(256), CenterCrop(224)`` pass
     ``size=224, resize=256`` (``crop_pct`` is then ignored).  ``crop_mode``
     is timm's: ``'center'``, ``'squash'`` (resize both sides, no aspect ratio
     kept) or ``'border'`` (fit the long side, pad with the config's mean colour).
@@ -534,9 +423,10 @@ def model_input_image(
     >>> model_input_image(photo, 224, resize=256).shape
     (224, 224, 3)
     """
-    mean = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN, the 'border' fill
-    if isinstance(size, Mapping):
-        config = size
+    mean = DEFAULT_MEAN
+    own = getattr(size, "pretrained_cfg", None)  # a model that carries its data config
+    if isinstance(size, Mapping) or isinstance(own, Mapping):
+        config = size if isinstance(size, Mapping) else own
         if "input_size" not in config:
             raise VisualizerValueError(
                 "a timm data config needs 'input_size', got keys {}: pass "
@@ -547,8 +437,9 @@ def model_input_image(
         interpolation = config.get("interpolation", interpolation) or interpolation
         crop_mode = config.get("crop_mode", crop_mode) or crop_mode
         mean = tuple(config.get("mean", mean))
-    crop_h, crop_w = _parse_pair(
-        size, "an int, a (height, width) pair or a timm data config", "size")
+    crop_h, crop_w = positive_pair(
+        size, "size", "an int, a (height, width) pair, a data config or a model with a "
+        "pretrained_cfg")
     if crop_mode not in ("center", "squash", "border"):
         raise VisualizerValueError(
             "unknown crop_mode {!r}: use 'center', 'squash' or 'border'".format(crop_mode)
@@ -598,7 +489,7 @@ def _resizable_image(image):
     pil = _pil_image(image)
     if pil is not None:
         return pil
-    raw = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    raw = np.asarray(to_numpy(image))
     arr = _image_array(raw)
     if raw.dtype == np.uint8:
         # uint8 pixels go through Pillow exactly as timm's PIL pipeline does;
@@ -747,8 +638,8 @@ def plot_query_on_image(
     >>> fig.axes[0].images[1].get_array().shape
     (32, 32)
     """
-    arr = _attention(attn, sample, square=False)
-    (rows, cols), prefix = _grid(grid, arr.shape[-1], num_prefix_tokens)
+    arr = sample_maps(attn, sample, square=False)
+    (rows, cols), prefix = patch_grid(arr.shape[-1], grid, num_prefix_tokens)
     attn2d = _select_head(arr, head)
     if attn2d.shape[0] != attn2d.shape[1] and query not in (None, "cls", "CLS"):
         # Cross attention: a patch query only makes sense when queries are the same tokens.
@@ -788,7 +679,7 @@ def plot_highlighted_patches(
     >>> len(fig.axes[0].patches)
     2
     """
-    rows, cols = _parse_grid(grid)
+    rows, cols = parse_grid(grid)
     img = _image_array(image)
     _check_alignment(img, (rows, cols))
     if isinstance(patches, (int, np.integer)):
@@ -839,7 +730,7 @@ def plot_token_attention(
     >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
     ['[CLS]', 'hi', '[SEP]']
     """
-    arr = _attention(attn, sample, square=True)
+    arr = sample_maps(attn, sample, square=True)
     n = arr.shape[-1]
     if isinstance(tokens, str):
         raise VisualizerTypeError(
@@ -901,7 +792,7 @@ def _layers(attentions, sample):
         raise VisualizerValueError("expected at least one layer of attention, got an empty list")
     layers = []
     for i, layer in enumerate(attentions):
-        layers.append(_attention(layer, sample, square=True, what="attention of layer {}".format(i)))
+        layers.append(sample_maps(layer, sample, square=True, what="attention of layer {}".format(i)))
     n = layers[0].shape[-1]
     for i, layer in enumerate(layers):
         if layer.shape[-1] != n:
@@ -926,7 +817,8 @@ def attention_rollout(
     first.  Per layer: the heads are fused (``'mean'``, ``'max'`` or
     ``'min'``); the lowest ``discard_ratio`` of the fused weights (over the
     whole N x N matrix) are set to 0; with ``residual`` the identity is added
-    for the skip connection; rows are renormalised to sum to 1.  The layers
+    for the skip connection (``0.5 · A + 0.5 · I``); rows are renormalised to
+    sum to 1 (see :func:`visualizer.attention.rollout`).  The layers
     are then multiplied as ``rollout = A_L @ ... @ A_2 @ A_1``, so row ``i``
     is how much output token ``i`` of the last layer draws from each input
     token, and every row sums to 1.  The CLS row for a ViT is ``rollout[0]``.
@@ -936,39 +828,7 @@ def attention_rollout(
     >>> np.allclose(r.sum(axis=1), 1.0)
     True
     """
-    fusions = {"mean": np.mean, "max": np.max, "min": np.min}
-    if head_fusion not in fusions:
-        raise VisualizerValueError(
-            "unknown head_fusion {!r}: use 'mean', 'max' or 'min'".format(head_fusion)
-        )
-    if not 0.0 <= discard_ratio < 1.0:
-        raise VisualizerValueError("expected discard_ratio in [0, 1), got {!r}".format(discard_ratio))
-    layers = _layers(attentions, sample)
-    n = layers[0].shape[-1]
-    eye = np.eye(n)
-    result = eye.copy()
-    for i, layer in enumerate(layers):
-        fused = fusions[head_fusion](layer, axis=0)
-        if discard_ratio > 0:
-            k = int(fused.size * discard_ratio)
-            if k:
-                flat = fused.ravel().copy()
-                flat[np.argsort(flat, kind="stable")[:k]] = 0.0
-                fused = flat.reshape(fused.shape)
-        if residual:
-            fused = fused + eye
-        sums = fused.sum(axis=1, keepdims=True)
-        if np.any(sums <= 0):
-            warnings.warn(
-                "layer {} leaves {} rows with no attention after discard_ratio={}; they stay zero, "
-                "so rollout rows will not sum to 1: lower discard_ratio or use residual=True".format(
-                    i, int(np.sum(sums <= 0)), discard_ratio),
-                UserWarning,
-                stacklevel=2,
-            )
-            sums = np.where(sums <= 0, 1.0, sums)
-        result = (fused / sums) @ result
-    return result
+    return rollout(_layers(attentions, sample), head_fusion, discard_ratio, residual)
 
 
 def plot_rollout_on_image(
@@ -1006,10 +866,10 @@ def plot_rollout_on_image(
     >>> fig.axes[0].get_title()
     'rollout of CLS (mean fusion, 3 layers)'
     """
-    rollout = attention_rollout(attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
-                                residual=residual, sample=sample)
-    grid_rc, prefix = _grid(grid, rollout.shape[-1], num_prefix_tokens)
-    weights, label, rc = _query_row(rollout, query, grid_rc, prefix)
+    rolled = attention_rollout(attentions, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                               residual=residual, sample=sample)
+    grid_rc, prefix = patch_grid(rolled.shape[-1], grid, num_prefix_tokens)
+    weights, label, rc = _query_row(rolled, query, grid_rc, prefix)
     img = _image_array(image)
     _check_alignment(img, grid_rc)
     fig, ax = _figure_and_axes(ax, figsize)
@@ -1059,7 +919,7 @@ __all__ += ["plot_generation", "plot_generated_tokens"]
 
 def _generation_input(stitched, tokens, prompt_length, sample, head):
     """Return ``(rows (R, T), first row's position, tokens as strings, P)`` for the figures."""
-    arr = _attention(stitched, sample, square=False, what="stitched attention")
+    arr = sample_maps(stitched, sample, square=False, what="stitched attention")
     data = _select_head(arr, head)
     rows, length = data.shape
     if rows > length:
@@ -1130,7 +990,7 @@ def plot_generation(
     """
     data, first, tokens, prompt = _generation_input(stitched, tokens, prompt_length, sample, head)
     rows, length = data.shape
-    heads = _attention(stitched, sample, square=False).shape[0]
+    heads = sample_maps(stitched, sample, square=False).shape[0]
     start = 0
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -1251,7 +1111,7 @@ def plot_generated_tokens(
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     if title is None:
-        heads = _attention(stitched, sample, square=False).shape[0]
+        heads = sample_maps(stitched, sample, square=False).shape[0]
         title = "what each generated token attended to ({}; bold: generated)".format(
             "mean of {} heads".format(heads) if head is None else "head {}".format(head))
     if len(shown) < len(generated):

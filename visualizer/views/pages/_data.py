@@ -11,13 +11,13 @@ tokens for text, ``b x b`` squares of patches for images, prefix tokens (CLS,
 registers) kept apart.  The page says so in its header.
 """
 import base64
-import math
 import struct
 import zlib
 
 import numpy as np
 
 from ..._errors import VisualizerTypeError, VisualizerValueError
+from ...attention import sample_maps, to_numpy
 
 # Below this many bytes of float32 maps a page keeps them exact.
 EXACT_BYTES = 4 * 2 ** 20
@@ -33,47 +33,6 @@ def b64(array):
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     return base64.b64encode(array.tobytes()).decode("ascii")
-
-
-def to_numpy(value, what):
-    """Return ``value`` as a float32 array; torch tensors without importing torch."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().float().numpy()
-    try:
-        array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise VisualizerTypeError(
-            "expected {} as a NumPy array, a torch tensor or nested lists of numbers, got "
-            "{}: {}".format(what, type(value).__name__, exc)) from None
-    return array
-
-
-def one_layer(value, sample, what):
-    """Return one layer's attention as ``(heads, n, n)`` float32 from 2-, 3- or 4-d input."""
-    array = to_numpy(value, what)
-    if array.ndim == 4:
-        if not -array.shape[0] <= sample < array.shape[0]:
-            raise VisualizerValueError(
-                "sample={} is out of range for {} of shape {} (a batch of {}): pass sample "
-                "between 0 and {}".format(sample, what, tuple(array.shape), array.shape[0],
-                                          array.shape[0] - 1))
-        array = array[sample]
-    elif array.ndim == 2:
-        array = array[None]
-    elif array.ndim != 3:
-        raise VisualizerValueError(
-            "expected {} of shape (heads, N, N) or (batch, heads, N, N), got shape {}".format(
-                what, tuple(array.shape)))
-    if array.shape[-1] != array.shape[-2] or array.size == 0:
-        raise VisualizerValueError(
-            "expected {} as square maps (heads, N, N) over N tokens, got shape {}".format(
-                what, tuple(array.shape)))
-    if not np.all(np.isfinite(array)):
-        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
-        raise VisualizerValueError(
-            "{} contains NaN or inf (first at index {} of shape {}): pass probabilities after "
-            "softmax".format(what, bad, tuple(array.shape)))
-    return array
 
 
 def stack_layers(attentions, sample=0):
@@ -104,7 +63,7 @@ def stack_layers(attentions, sample=0):
     else:
         values = [attentions]
         labels = ["layer 1"]
-    layers = [one_layer(v, sample, "the attention of {}".format(label))
+    layers = [sample_maps(v, sample, True, "the attention of {}".format(label), np.float32)
               for v, label in zip(values, labels)]
     shapes = {layer.shape for layer in layers}
     if len(shapes) != 1:
@@ -236,24 +195,6 @@ def thumbnails(maps, size=40):
     return t, np.rint(both / top * 255).astype(np.uint8)
 
 
-def rollout(maps):
-    """Attention rollout through each layer: ``(layers, n, n)``, mean over heads, residual added.
-
-    Layer ``l`` holds ``A_l @ ... @ A_1`` with ``A = rownorm(mean_heads + I)``
-    (Abnar & Zuidema, 2020), as :func:`visualizer.plotting.attention_rollout`.
-    """
-    n = maps.shape[-1]
-    eye = np.eye(n, dtype=np.float64)
-    result = eye
-    out = np.empty((maps.shape[0], n, n), dtype=np.float32)
-    for i in range(maps.shape[0]):
-        fused = maps[i].astype(np.float64).mean(axis=0) + eye
-        fused /= fused.sum(axis=1, keepdims=True)
-        result = fused @ result
-        out[i] = result
-    return out
-
-
 # ---------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------
@@ -262,9 +203,7 @@ def image_uint8(image):
     """Return ``image`` as ``(H, W, 3)`` uint8: from uint8, float in [0, 1], gray or RGBA."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
         image = np.asarray(image.convert("RGB"))
-    if hasattr(image, "detach") and hasattr(image, "cpu"):
-        image = image.detach().cpu().numpy()
-    array = np.asarray(image)
+    array = np.asarray(to_numpy(image))
     if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[2] not in (1, 3, 4):
         raise VisualizerValueError(
             "expected the image as (height, width, 3), got shape {} (channels first? pass "
@@ -307,25 +246,3 @@ def png_data_uri(rgb):
            + chunk(b"IDAT", zlib.compress(raw, 9))
            + chunk(b"IEND", b""))
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def infer_grid(n, grid=None, num_prefix_tokens=None):
-    """Return ``((rows, cols), prefix)`` for ``n`` tokens, as the plotting functions do."""
-    if grid is not None:
-        if isinstance(grid, int):
-            grid = (grid, grid)
-        rows, cols = (int(g) for g in grid)
-        prefix = n - rows * cols
-        if prefix < 0 or (num_prefix_tokens is not None and num_prefix_tokens != prefix):
-            raise VisualizerValueError(
-                "grid {}x{} with {} prefix tokens does not fit attention over {} tokens".format(
-                    rows, cols, num_prefix_tokens if num_prefix_tokens is not None else prefix, n))
-        return (rows, cols), prefix
-    candidates = [num_prefix_tokens] if num_prefix_tokens is not None else range(0, min(16, n - 1) + 1)
-    for prefix in candidates:
-        side = math.isqrt(n - prefix) if n - prefix >= 0 else -1
-        if side > 0 and side * side == n - prefix:
-            return (side, side), prefix
-    raise VisualizerValueError(
-        "cannot infer a square patch grid from {} tokens{}: pass grid=(rows, cols)".format(
-            n, "" if num_prefix_tokens is None else " minus {} prefix tokens".format(num_prefix_tokens)))

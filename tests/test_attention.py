@@ -310,3 +310,18 @@ def test_importing_attention_imports_neither_numpy_nor_torch():
                          check=True).stdout
     assert out.split() == ["False", "False"]
 
+
+
+def test_why_not_maps_names_what_is_not_a_square_map():
+    np = pytest.importorskip("numpy")
+    from visualizer.attention import why_not_maps
+
+    assert why_not_maps(np.zeros((2, 3, 4, 4))) is None
+    assert why_not_maps(np.zeros((3, 4, 4))) is None and why_not_maps(np.zeros((4, 4))) is None
+    assert why_not_maps([[0.5, 0.5]]) == "a list, not an array"
+    assert "not (batch, heads, N, N)" in why_not_maps(np.zeros(4))
+    assert "not one N x N map" in why_not_maps(np.zeros((2, 4, 5)))
+    assert "not one N x N map" in why_not_maps(np.zeros((0, 0)))
+    assert why_not_maps(np.array([["a", "b"], ["c", "d"]])) == "dtype <U1, not numbers"
+    assert why_not_maps(np.zeros((2, 1, 3, 3)), sample=2) == "a batch of 2, which has no sample 2"
+    assert why_not_maps(np.zeros((2, 1, 3, 3)), sample=-2) is None

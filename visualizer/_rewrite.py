@@ -38,10 +38,10 @@ except ImportError:  # pragma: no cover - bytecode 0.16 always has them
     TryBegin = TryEnd = ()
 
 _UNSUPPORTED_FLAGS = (
-    (0x20, "a generator function"),          # CO_GENERATOR
-    (0x80, "a coroutine function"),           # CO_COROUTINE
-    (0x100, "a generator-based coroutine"),   # CO_ITERABLE_COROUTINE
-    (0x200, "an async generator function"),   # CO_ASYNC_GENERATOR
+    (_compat.CO_GENERATOR, "a generator function"),
+    (_compat.CO_COROUTINE, "a coroutine function"),
+    (_compat.CO_ITERABLE_COROUTINE, "a generator-based coroutine"),
+    (_compat.CO_ASYNC_GENERATOR, "an async generator function"),
 )
 
 
@@ -312,9 +312,7 @@ def _load(name, cells, frees):
 
 
 def _arg_names(code):
-    n = code.co_argcount + code.co_kwonlyargcount
-    n += bool(code.co_flags & 0x04) + bool(code.co_flags & 0x08)  # *args, **kwargs
-    return set(code.co_varnames[:n])
+    return set(code.co_varnames[:_compat.argument_count(code)])
 
 
 def _deleted_by_inner(code, name):

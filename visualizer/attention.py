@@ -29,7 +29,7 @@ import warnings
 from ._errors import VisualizerTypeError, VisualizerValueError
 
 __all__ = [
-    "is_tensor", "to_numpy", "tensor_to_numpy", "as_array", "sample_maps",
+    "is_tensor", "to_numpy", "tensor_to_numpy", "as_array", "sample_maps", "why_not_maps",
     "check_selection", "positions", "select",
     "REDUCTIONS", "ROWS_PER_CHUNK", "check_reduce", "reduce_map", "reduce_rows",
     "rownorm", "rollout_step", "rollout",
@@ -115,6 +115,26 @@ def as_array(value, what="attention", dtype="float64"):
         raise VisualizerTypeError(
             "expected {} as a NumPy array, a torch tensor or nested lists of numbers, "
             "got {}: {}".format(what, type(value).__name__, exc)) from None
+
+
+def why_not_maps(array, sample=0):
+    """Return None if ``array`` holds square attention maps with sample ``sample``, else why not.
+
+    Square maps: ``(batch, heads, N, N)``, ``(heads, N, N)`` or ``(N, N)`` of
+    numbers, what the figures and the pages of self-attention draw.
+    """
+    if not hasattr(array, "ndim"):
+        return "a {}, not an array".format(type(array).__name__)
+    if array.ndim not in (2, 3, 4):
+        return "shape {}, not (batch, heads, N, N), (heads, N, N) or (N, N)".format(
+            tuple(array.shape))
+    if array.shape[-1] != array.shape[-2] or array.size == 0:
+        return "shape {}: the last two sizes are not one N x N map".format(tuple(array.shape))
+    if array.dtype.kind not in "fiub":
+        return "dtype {}, not numbers".format(array.dtype)
+    if array.ndim == 4 and not -array.shape[0] <= sample < array.shape[0]:
+        return "a batch of {}, which has no sample {}".format(array.shape[0], sample)
+    return None
 
 
 def sample_maps(value, sample=0, square=True, what="attention", dtype="float64"):

@@ -14,6 +14,7 @@ import warnings
 from typing import Any, List, Optional
 
 from .._errors import VisualizerError, VisualizerValueError
+from ..attention import to_numpy
 
 PROG = "visualizer"
 
@@ -149,29 +150,13 @@ def write_figure(fig: Any, out: str, name: str, written: List[str]) -> None:
 # What the captured arrays look like: run's summary and plot's choice of maps
 # ---------------------------------------------------------------------------
 
-def attention_shape(array: Any, sample: int) -> Optional[str]:
-    """None if ``array`` holds attention maps with sample ``sample``, else why it is skipped."""
-    if not hasattr(array, "ndim"):
-        return "a {}, not an array".format(type(array).__name__)
-    if array.ndim not in (2, 3, 4):
-        return "shape {}, not (batch, heads, N, N), (heads, N, N) or (N, N)".format(
-            tuple(array.shape))
-    if array.shape[-1] != array.shape[-2] or array.size == 0:
-        return "shape {}: the last two sizes are not one N x N map".format(tuple(array.shape))
-    if array.dtype.kind not in "fiub":
-        return "dtype {}, not numbers".format(array.dtype)
-    if array.ndim == 4 and not -array.shape[0] <= sample < array.shape[0]:
-        return "a batch of {}, which has no sample {}".format(array.shape[0], sample)
-    return None
 
 
 def shapes(np: Any, values: list) -> str:
     """Describe the shapes and dtypes of ``values``, each once, at most three."""
     described = []  # type: List[str]
     for value in values:
-        if hasattr(value, "detach"):
-            value = value.detach().cpu().numpy()
-        array = np.asarray(value)
+        array = np.asarray(to_numpy(value))
         text = "{} {}".format(tuple(array.shape), array.dtype)
         if text not in described:
             described.append(text)

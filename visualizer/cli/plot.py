@@ -5,7 +5,8 @@ import re
 from typing import Any, List
 
 from .._errors import VisualizerError
-from ._common import (BAD_INPUT, FORMATTER, OK, Say, add_quiet, add_sample, attention_shape,
+from ..attention import why_not_maps
+from ._common import (BAD_INPUT, FORMATTER, OK, Say, add_quiet, add_sample,
                       display_dir, error, load, require, write_figure)
 
 DEFAULT_LIMIT = 12
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace, say: Say) -> int:
             continue
         if _plot_generation(key, values, args, say, written):
             continue
-        reasons = [attention_shape(v, args.sample) for v in values]
+        reasons = [why_not_maps(v, args.sample) for v in values]
         plottable = [i for i, r in enumerate(reasons) if r is None]
         if not plottable:
             say("  {}: skipped: {}".format(key, reasons[0]))

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import get_local, storage
 from .._errors import VisualizerError
+from ..attention import to_numpy
 from ._common import (FORMATTER, INTERRUPTED, OK, PROG, SCRIPT_FAILED, Say, add_quiet, error,
                       require, shapes)
 
@@ -242,8 +243,7 @@ def _refused(np: Any, values: list) -> Optional[str]:
     """
     for i, value in enumerate(values):
         try:
-            if hasattr(value, "detach") and hasattr(value, "cpu"):
-                value = value.detach().cpu().numpy()
+            value = to_numpy(value)
             with warnings.catch_warnings():  # NumPy < 1.24 warns about ragged lists
                 warnings.simplefilter("ignore")
                 array = np.asarray(value)

@@ -20,6 +20,7 @@ import zipfile
 import zlib
 
 from .._errors import VisualizerTypeError, VisualizerValueError
+from ..attention import to_numpy
 from ._disk import check_path
 
 FORMAT = "visualizer-cache"
@@ -154,8 +155,7 @@ def load_context(path):
 
 
 def _as_array(np, key, i, value):
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a tensor kept with store='tensor'
-        value = value.detach().cpu().numpy()
+    value = to_numpy(value)  # a tensor kept with store='tensor'
     try:
         return np.asarray(value)
     except Exception as exc:

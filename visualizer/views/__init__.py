@@ -345,8 +345,10 @@ def load(path: Any):
 
 
 def _attention_keys(cache):
-    """Keys whose values are all square maps of one shape, with the shape's N."""
+    """Keys whose values are all square maps of one shape (``attention.why_not_maps``)."""
     import numpy as np
+
+    from ..attention import why_not_maps
 
     found = []
     for key, values in cache.items():
@@ -356,8 +358,7 @@ def _attention_keys(cache):
         shapes = {tuple(np.shape(v)) for v in arrays}
         if len(shapes) != 1:
             continue
-        shape = shapes.pop()
-        if len(shape) in (2, 3, 4) and shape[-1] == shape[-2] and shape[-1] > 0:
+        if why_not_maps(arrays[0]) is None:
             found.append(key)
     return found
 

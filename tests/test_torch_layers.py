@@ -345,27 +345,27 @@ def test_open_clip_towers_keep_their_bits(seam, torch):
     model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
     image = torch.randn(1, 3, 224, 224)
     text = torch.randint(1, 1000, (2, 77))
-    reference = copy.deepcopy(model)
+    # Each block's attention input (ln_1 of its input) and mask, read by hooks in the
+    # run without capture (hooks change no path of nn.MultiheadAttention).
+    seen = []
+    hooks = [m.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((m, args[0], kwargs.get("attn_mask"))),
+        with_kwargs=True) for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
     with torch.no_grad():
         plain = model.encode_image(image), model.encode_text(text)
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
         with seam.capture() as cache:
             got = model.encode_image(image), model.encode_text(text)
     assert torch.equal(got[0], plain[0])
     assert torch.equal(got[1], plain[1])
     maps = cache[KEY]
-    assert len(maps) == 24
+    assert len(maps) == len(seen) == 24
     assert [m.shape for m in maps] == [(1, 12, 50, 50)] * 12 + [(2, 8, 77, 77)] * 12
-    # Each block's attention input (ln_1 of its input) and mask, read from the copy.
-    seen = []
-    hooks = [m.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((m, args[0], kwargs.get("attn_mask"))),
-        with_kwargs=True) for m in reference.modules() if isinstance(m, torch.nn.MultiheadAttention)]
     with torch.no_grad():
-        reference.encode_image(image), reference.encode_text(text)
         for (attn, x, mask), got in zip(seen, maps):
             assert_maps(np, got, handwritten_maps(torch, attn, x, mask))
-    for hook in hooks:
-        hook.remove()
     assert list(seam.by_module(model.visual, cache))[:2] == [
         "transformer.resblocks.0.attn", "transformer.resblocks.1.attn"]
 

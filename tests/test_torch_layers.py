@@ -257,10 +257,13 @@ def test_transformer_encoder_keeps_its_nested_fast_path(seam, torch, padded):
         if padded == "every sequence":
             padding[0, 7:] = True
     reference = copy.deepcopy(encoder)
+    classes = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+    own = [vars(cls)["forward"] for cls in classes]
     with torch.no_grad():
         plain = encoder(x, src_key_padding_mask=padding)
         with seam.capture() as cache:
             out = encoder(x, src_key_padding_mask=padding)
+    assert [vars(cls)["forward"] for cls in classes] == own  # off means absent
     assert torch.equal(out, plain)
     if padding is not None:  # the nested path ran: nothing where the padding was
         assert not out[padding].any()

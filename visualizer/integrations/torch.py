@@ -171,6 +171,10 @@ def _forwards():
     return getattr(_thread, "forwards", 0)
 
 
+def _tensor_type():
+    return sys.modules["torch"].Tensor
+
+
 def _same_names(forward, original):
     forward.__qualname__ = original.__qualname__
     forward.__name__ = original.__name__
@@ -198,8 +202,8 @@ def multihead_forward(original, state, owner):
         seen = kernel.calls_seen()
         _thread.forwards = _forwards() + 1
         result = original(self, *args, **kwargs)
-        if kernel.calls_seen() != seen:
-            return result
+        if kernel.calls_seen() != seen or not isinstance(result[0], _tensor_type()):
+            return result  # the seam took the kernel call; or a tracer's proxies
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         call = bound.arguments
@@ -229,7 +233,8 @@ def encoder_layer_forward(original, state, owner):
             return original(self, *args, **kwargs)
         before = _forwards()
         result = original(self, *args, **kwargs)
-        if _forwards() == before:
+        if _forwards() == before and isinstance(result, _tensor_type()) and \
+                isinstance(self.self_attn, sys.modules["torch"].nn.MultiheadAttention):
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
             call = bound.arguments
@@ -251,7 +256,8 @@ def encoder_forward(original):
     def forward(self, src, *args, **kwargs):
         saved = getattr(_thread, "length", None)
         # Nested tensors are made for batch-first input only: its length is dimension 1.
-        _thread.length = src.shape[1] if not src.is_nested and src.dim() == 3 else None
+        _thread.length = src.shape[1] if isinstance(src, _tensor_type()) and \
+            not src.is_nested and src.dim() == 3 else None
         try:
             return original(self, src, *args, **kwargs)
         finally:

@@ -62,7 +62,7 @@ def torchs_own_maps(attn, query, key=None, **kwargs):
 
 
 def assert_maps(np, got, expected, rows=None):
-    """``got`` (NumPy, ``(N, H, L, S)``) equals ``expected`` to 1e-5, on the query ``rows`` given."""
+    """``got`` (NumPy, ``(N, H, L, S)``) equals ``expected`` to 1e-5, on the query ``rows``."""
     expected = expected.detach().numpy()
     assert got.shape == expected.shape
     if rows is not None:  # (N, L) True for the rows compared
@@ -377,7 +377,7 @@ def test_open_clip_towers_keep_their_bits(seam, torch):
 
 
 class Classifier:
-    """A small text classifier on ``nn.TransformerEncoderLayer``, as the seed's notebook built one."""
+    """A small text classifier on ``nn.TransformerEncoderLayer``, as the seed's notebook has one."""
 
     def __new__(cls, torch, layers=2):
         nn = torch.nn

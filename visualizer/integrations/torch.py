@@ -91,10 +91,10 @@ def attention_call(attn, query, key, value=None, key_padding_mask=None, attn_mas
     masks = []  # additive, (batch or 1, heads or 1, L, S)
     if attn_mask is not None:
         attn_mask = _additive(torch, attn_mask, q.dtype)
-        masks.append(attn_mask.view((1, 1) + attn_mask.shape if attn_mask.dim() == 2
-                                    else (batch, heads) + attn_mask.shape[-2:]))
+        masks.append(attn_mask.reshape((1, 1) + attn_mask.shape if attn_mask.dim() == 2
+                                       else (batch, heads) + attn_mask.shape[-2:]))
     if key_padding_mask is not None:
-        masks.append(_additive(torch, key_padding_mask, q.dtype).view(batch, 1, 1, -1))
+        masks.append(_additive(torch, key_padding_mask, q.dtype).reshape(batch, 1, 1, -1))
     if missing_keys is not None:
         masks.append(_additive(torch, missing_keys, q.dtype).view(batch, 1, 1, -1))
     extra = 0  # keys appended after the input's
@@ -102,9 +102,9 @@ def attention_call(attn, query, key, value=None, key_padding_mask=None, attn_mas
         k = torch.cat([k, attn.bias_k.expand(batch, 1, embed)], dim=1)
         v = None if v is None else torch.cat([v, attn.bias_v.expand(batch, 1, embed)], dim=1)
         extra += 1
-    q = q.view(batch, length, heads, dim).transpose(1, 2)
-    k = k.view(batch, -1, heads, dim).transpose(1, 2)
-    v = None if v is None else v.view(batch, -1, heads, dim).transpose(1, 2)
+    q = q.reshape(batch, length, heads, dim).transpose(1, 2)
+    k = k.reshape(batch, -1, heads, dim).transpose(1, 2)
+    v = None if v is None else v.reshape(batch, -1, heads, dim).transpose(1, 2)
     if attn.add_zero_attn:
         k = torch.cat([k, k.new_zeros(batch, heads, 1, dim)], dim=2)
         v = None if v is None else torch.cat([v, v.new_zeros(batch, heads, 1, dim)], dim=2)
@@ -120,7 +120,7 @@ def attention_call(attn, query, key, value=None, key_padding_mask=None, attn_mas
 
 
 def _additive(torch, mask, dtype):
-    """A mask as ``F._canonical_mask`` makes it: added to the scores, -inf where a boolean is True."""
+    """A mask as ``F._canonical_mask`` makes it: added to the scores, -inf where True."""
     if mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
@@ -210,7 +210,8 @@ def multihead_forward(original, state, owner):
         weights = result[1]
         if call["need_weights"] and not call["average_attn_weights"] and weights is not None \
                 and not (self.training and self.dropout > 0):
-            attn_output_weights = weights if weights.dim() == 4 else weights.unsqueeze(0)
+            per_head = weights if weights.dim() == 4 else weights.unsqueeze(0)
+            attn_output_weights = per_head  # noqa: F841 - the rewritten code reads it at return
             return result
         _beside(state, owner(), self, call["query"], call["key"], call["value"],
                 call["key_padding_mask"], call["attn_mask"])

@@ -144,8 +144,8 @@ class GetLocal:
         ``visualizer.presets``, the measured reach in COVERAGE.md.  Nothing
         is imported: a family is watched when your code imports it.  Nothing
         is switched to an eager path either: the model computes what it
-        would without capture (but for ``nn.MultiheadAttention``'s native fast
-        path, off while capturing).  ``families`` picks some of ``'kernel'``,
+        would without capture, ``nn.MultiheadAttention``'s native fast path
+        included.  ``families`` picks some of ``'kernel'``,
         ``'timm'``, ``'transformers'``, ``'torch'``.  Returns the dotted paths
         watched.
 

@@ -25,19 +25,21 @@ by your code (or at once if it already is).  The families:
                EfficientViT's loop, Halo, ...), under the method's
                qualname; on a fused path the kernel calls inside the same
                method supply its maps.
-``'torch'``    ``nn.MultiheadAttention``: its fast path, a native kernel that
-               runs no Python, is off while capturing; calls that ask for
-               weights keep them per head (``attn_output_weights``, key
-               ``'MultiheadAttention.forward'``), averaged for the caller as
-               torch does.
+``'torch'``    ``nn.MultiheadAttention`` and the layers built on it
+               (``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``):
+               each keeps the path torch chooses, its native fast path and
+               nested tensors included; where that path calls no kernel,
+               the maps are computed beside it from the module's own
+               in-projection and masks (key ``'MultiheadAttention.forward'``,
+               source the attention module).  See
+               ``visualizer.integrations.torch``.
 =============  ==============================================================
 
 The kernel seam is in place whenever capture is on; every family also keeps
 the kernel calls that no watched function takes, under the calling module's
-method.  Nothing is switched to an eager path, so a model keeps its output;
-the one exception is the MHA fast path, whose results can differ from the
-Python path's in the last bits.  Each family is a ``Preset`` defined by its
-library's module in ``visualizer.integrations``.
+method.  Nothing is switched to an eager path, so a model keeps its output,
+bit for bit.  Each family is a ``Preset`` defined by its library's module in
+``visualizer.integrations``.
 """
 import warnings
 import weakref

@@ -11,7 +11,8 @@ library's module defines its ``watch_attention`` family as ``PRESET``;
 * ``transformers``: how its sdpa integration reshapes the kernel's input,
   and its eager-only models.
 * ``timm``: timm's attention classes that never reach the kernel.
-* ``torch``: ``nn.MultiheadAttention``'s fast path and its own weights.
+* ``torch``: ``nn.MultiheadAttention`` and the encoder layers that fuse it,
+  whose fast paths make no kernel call: maps computed beside them.
 * ``compile``: what torch's compilers (``torch.compile``, TorchScript) need
   from capture: rewritten code they can trace, and recompiling when it changes.
 

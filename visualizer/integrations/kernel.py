@@ -48,7 +48,7 @@ from .._state import Extension
 from ._common import Preset
 
 __all__ = ["Seam", "install", "uninstall", "adapter", "Call", "probabilities", "reduced",
-           "reduce_map", "PRESET"]
+           "reduce_map", "calls_seen", "compiling", "PRESET"]
 
 NAME = "scaled_dot_product_attention"
 
@@ -65,6 +65,7 @@ _scanned = {}                # module name -> module, namespaces already looked 
 _adapters = {}               # id(code) -> (code, adapt(frame, call, state) -> (call, owner))
 _code_info = {}              # id(code) -> (code, kind, qualname, first argument)
 _failed = set()
+_thread = threading.local()  # .calls: kernel calls this thread made while the seam served
 
 
 class Call:
@@ -330,9 +331,10 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
     (that function computes it); see ``visualizer.integrations.kernel``.
     """
     out = _original(query, key, value, *args, **kwargs)
-    if _compiling():
+    if compiling():
         return out
     if len(_states) and isinstance(out, _tensor_type()):  # not while torch.fx traces (Proxy)
+        _thread.calls = getattr(_thread, "calls", 0) + 1
         try:
             _seen(sys._getframe(1), Call(query, key, value, *args, **kwargs))
         except Exception as exc:  # a capture must never break the model
@@ -344,11 +346,22 @@ def _tensor_type():
     return sys.modules["torch"].Tensor
 
 
-def _compiling():
+def compiling():
+    """Whether torch's compilers are tracing the code running now (capture passes through)."""
     torch = sys.modules.get("torch")
     compiler = getattr(torch, "compiler", None)
     is_compiling = getattr(compiler, "is_compiling", None)
     return is_compiling is not None and is_compiling()
+
+
+def calls_seen():
+    """How many kernel calls this thread has made through the seam while it served a capture.
+
+    A library's module that captures a forward's maps itself where no kernel
+    call is made (``integrations.torch``) compares the count before and after
+    the forward, to leave the maps to the seam where it took them.
+    """
+    return getattr(_thread, "calls", 0)
 
 
 def _report(exc):

@@ -134,6 +134,9 @@ class Target:
         # A preset's: a predicate of loaded names; every result of a call to one
         # that the code stores is reported (see ``collecting``).
         self.collect = None
+        # A preset's: ``shape(value, source)`` gives each value it captures the
+        # layout the library's integration promises (see ``State.shaped``).
+        self.shape = None
 
     def takes_calls(self):
         """Whether an attention call made inside this function supplies its unbound name.
@@ -467,14 +470,30 @@ class State:
         self.fast = self.active and self.storage.is_default and not len(self.events)
 
     def capture(self, target, source, values):
-        """Dispatch events for one call's values, then store them."""
+        """Dispatch events for one call's values, then store them (both shaped)."""
         if not self.active:
             return
+        values = self.shaped(target, source, values)
         keys = target.keys
         if len(self.events):
             for key, name, value in zip(keys, target.names, values):
                 self.events.dispatch(Event(key, target.qualname, name, value, source))
-        self.store(target, source, values)
+        self.put(target, source, values)
+
+    @staticmethod
+    def shaped(target, source, values):
+        """``values`` in the layout the target's preset gives them (``Target.shape``).
+
+        A library that computes a map in a layout of its own (heads merged into
+        the batch axis) is known to its integration, which hands the target a
+        ``shape``; the core applies it to what the preset captures, before
+        events, selections, reductions and storage see it, and knows no library.
+        A variable the user names is stored as the code holds it.
+        """
+        shape = target.shape
+        if shape is None or target.explicit:
+            return values
+        return [shape(value, source) for value in values]
 
     # -- attention calls delivered from outside the function ---------------------------
 
@@ -602,7 +621,11 @@ class State:
                 CaptureWarning, stacklevel=4)
 
     def store(self, target, source, values):
-        """Store one call's values (transform, convert, bound), aligned across names."""
+        """Store one call's values (shape, transform, convert, bound), aligned across names."""
+        self.put(target, source, self.shaped(target, source, values))
+
+    def put(self, target, source, values):
+        """``store`` for values shaped already (see ``shaped``)."""
         if not self.active:
             return
         keys = target.keys
@@ -688,13 +711,15 @@ class State:
             self.notify("removed", target, function)
 
     def register(self, function, names, source, overrides=None, explicit=True,
-                 attention=False, collect=None):
+                 attention=False, collect=None, shape=None):
         """Put ``function`` under capture of ``names``; install now if active.
 
         ``explicit``: the user asked for it (not only a preset); ``attention``:
         its values are attention maps; ``collect``: a predicate of loaded names
         (a softmax): report every result of such a call it stores while only
-        presets watch it (``Target.collecting``).
+        presets watch it (``Target.collecting``); ``shape``: a preset's
+        ``shape(value, source)``, the layout its values are stored in
+        (``State.shaped``).
 
         If the code cannot be rewritten (``_rewrite.UnreadableCode``) while
         active, the error is raised and nothing is registered or changed.
@@ -719,6 +744,7 @@ class State:
                                                   target.collect):
                 target.rewritten = None  # its recorders depend on these (see make_record)
             target.explicit, target.attention, target.collect = explicit, attention, collect
+            target.shape = target.shape or shape
             if self.active:
                 try:
                     target.rewritten_code()
@@ -795,6 +821,7 @@ class _CallKey:
     """What ``State.store`` needs to know of the key of an attention call nothing took."""
 
     __slots__ = ("keys", "names", "qualname", "source", "attention")
+    shape = None  # the seam computes its calls in their layout already
 
     def __init__(self, key, qualname, has_source):
         self.keys = (key,)

@@ -19,9 +19,14 @@ Nothing here imports a library: each module acts when the library is
 imported by the user's code (``visualizer._imports``).  The next library is
 one new module that registers a ``Preset`` if it needs one.
 """
-from .. import _imports, _rewrite
+import threading
+import warnings
 
-__all__ = ["FAMILY_MODULES", "Preset", "is_softmax", "plug_in", "presets", "softmax_outputs",
+from .. import _imports, _rewrite
+from .._errors import CaptureWarning
+
+__all__ = ["FAMILY_MODULES", "HEAD_COUNTS", "Preset", "head_count", "heads_apart",
+           "is_softmax", "merged_heads", "plug_in", "presets", "softmax_outputs", "split_heads",
            "wait_for_adapters", "watch_softmax_outputs"]
 
 _adapters_waiting = False
@@ -93,6 +98,79 @@ def presets():
     return found
 
 
+# How attention modules spell their head count (torch, timm: num_heads; transformers:
+# num_heads, num_attention_heads, n_heads, n_head; some: heads).
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+
+_warned = set()  # the modules whose maps could not be split, warned about once
+_warned_lock = threading.Lock()
+
+
+def head_count(module):
+    """Return the number of heads an attention module says it has, or None."""
+    for name in HEAD_COUNTS:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def split_heads(maps, module, where):
+    """Return a ``(batch x heads, queries, keys)`` map as ``(batch, heads, queries, keys)``.
+
+    Several libraries' eager attention computes every head of every sample in
+    one batched matmul with the heads merged into the batch axis (BART-era
+    transformers: FSMT, MVP, XGLM, DETR's kin; ViTDet; timm's BoTNet and SAM),
+    and returns or displays them split.  ``module`` (the attention module that
+    computed them) says how many heads there are (``head_count``); anything
+    but a 3-D map is returned as it is.  When the heads cannot be told apart
+    (no head count, or a first axis that is no multiple of it) the map is kept
+    as computed and a ``CaptureWarning`` names ``where`` (the function), once.
+    """
+    if getattr(maps, "ndim", None) != 3:
+        return maps
+    heads = merged_heads(maps.shape, module, where)
+    if heads is None:
+        return maps
+    return maps.reshape(maps.shape[0] // heads, heads, maps.shape[1], maps.shape[2])
+
+
+def merged_heads(shape, module, where):
+    """How many heads the first axis of a 3-D ``shape`` merges with the batch, or None.
+
+    ``module``'s head count (``head_count``) when it divides that axis;
+    otherwise None, and a ``CaptureWarning`` naming ``where``, once.
+    """
+    heads = head_count(module)
+    if heads is not None and shape[0] % heads == 0:
+        return heads
+    with _warned_lock:
+        if where in _warned:
+            return None
+        _warned.add(where)
+    owner = type(module).__name__ if module is not None else "its module"
+    why = ("{} has no head count ({})".format(owner, ", ".join(HEAD_COUNTS)) if heads is None
+           else "its first axis is no multiple of the {} heads {} has".format(heads, owner))
+    warnings.warn(
+        "visualizer: {} computes its attention as {}, without a heads axis, and {}: its maps "
+        "are stored as computed, so the views read that first axis as heads. If it merges "
+        "batch and heads, give {} a num_heads attribute (num_heads = 1 for one head per "
+        "sample) or reshape in get_local.capture(transform={{key: lambda m: m.reshape(batch, "
+        "heads, *m.shape[1:])}}).".format(where, tuple(shape), why, owner),
+        CaptureWarning, stacklevel=3)
+    return None
+
+
+def heads_apart(function):
+    """The ``shape`` of a preset watching ``function``: ``split_heads`` with its source."""
+    where = function.__qualname__
+
+    def shape(maps, source):
+        return split_heads(maps, source, where)
+
+    return shape
+
+
 def watch_softmax_outputs(get_local, module, named=True):
     """Watch the eager attention of ``module``'s attention classes; return the functions.
 
@@ -105,6 +183,8 @@ def watch_softmax_outputs(get_local, module, named=True):
     the talking heads mix them, both softmaxes of ConViT's gated attention.
     The cache key is the method's qualname.  On a fused path nothing is
     stored and the kernel calls made inside the method supply its maps.
+    A 3-D map is stored as ``(batch, heads, queries, keys)``: its heads split
+    from the batch axis (``split_heads``, by the ``self`` of the call).
     """
     watched = []
     for cls in list(vars(module).values()):
@@ -126,7 +206,8 @@ def watch_softmax_outputs(get_local, module, named=True):
             names = softmax_outputs(code)
             if names:
                 watched.append(get_local._watch(function, (names[0],), explicit=False,
-                                                attention=True, collect=is_softmax))
+                                                attention=True, collect=is_softmax,
+                                                shape=heads_apart(function)))
     return watched
 
 

@@ -45,7 +45,7 @@ import weakref
 from .. import _compat, _imports
 from .._errors import CaptureWarning, VisualizerValueError
 from .._state import Extension
-from . import Preset
+from . import Preset, merged_heads
 
 __all__ = ["Seam", "install", "uninstall", "adapter", "Call", "probabilities", "reduced",
            "reduce_map", "PRESET"]
@@ -449,7 +449,40 @@ def locate(frame, call, state):
 
 def _deliver(state, frame, call):
     call, owner, key, qualname, source = locate(frame, call, state)
+    if call.query.dim() == 3:
+        call = _heads_apart(call, owner, frame, source, qualname)
     state.capture_call(key, qualname, source, call, owner)
+
+
+def _heads_apart(call, owner, frame, source, qualname):
+    """A call made with heads merged into the batch axis, its heads split from the batch.
+
+    timm's SAM ViT calls the kernel with ``(batch x heads, tokens, dim)``;
+    its probabilities are given the layout of every other call,
+    ``(batch, heads, queries, keys)``, by the attention module's head count,
+    so ``heads=`` and the reductions see heads, not samples
+    (``integrations.split_heads``; it warns when they cannot be told apart).
+    """
+    module = source
+    if owner is not None:
+        target, owner_frame, module = owner
+        if module is None and owner_frame is not None and target.source is not None:
+            module = owner_frame.f_locals.get(target.source)
+        qualname = target.qualname
+    q, k, v, mask = call.query, call.key, call.value, call.attn_mask
+    merged = q.shape[0]
+    heads = merged_heads((merged, q.shape[1], k.shape[-2]), module, qualname)
+    if heads is None or k.dim() != 3 or v.dim() != 3 or k.shape[0] != merged or \
+            v.shape[0] != merged:
+        return call
+    batch = merged // heads
+    if mask is not None and mask.dim() >= 3 and mask.shape[-3] != 1:
+        if mask.dim() != 3 or mask.shape[0] != merged:
+            return call
+        mask = mask.reshape(batch, heads, mask.shape[1], mask.shape[2])
+    return call.replace(query=q.reshape(batch, heads, q.shape[1], q.shape[2]),
+                        key=k.reshape(batch, heads, k.shape[1], k.shape[2]),
+                        value=v.reshape(batch, heads, v.shape[1], v.shape[2]), attn_mask=mask)
 
 
 # -- reductions at compute time (``reduce=``) ------------------------------------------

@@ -204,17 +204,20 @@ class _Module:
         self.__dict__.update(attributes)
 
     def forward(self, scores):
+        bsz = scores.shape[0] // getattr(self, "num_heads", 1)
         probs = scores / scores.sum(-1, keepdims=True)
-        return probs
+        return probs, bsz
 
 
 def test_the_core_applies_a_presets_shape_before_events_and_storage():
     get_local = GetLocal()
     seen = []
     get_local.events.listen(None, lambda event: seen.append(event.value.shape))
-    get_local._watch(_Module.forward, ("probs",), explicit=False, attention=True,
-                     shape=lambda value, source: value.reshape((-1, source.num_heads)
-                                                               + value.shape[1:]))
+
+    def shape(value, source, frame):  # what an integration gives: it may read the frame
+        return value.reshape((frame.f_locals["bsz"], source.num_heads) + value.shape[1:])
+
+    get_local._watch(_Module.forward, ("probs",), explicit=False, attention=True, shape=shape)
     with get_local.capture(heads=0) as cache:
         _Module(num_heads=2).forward(np.ones((4, 3, 3)))
     assert seen == [(2, 2, 3, 3)]
@@ -226,23 +229,42 @@ def test_the_core_applies_a_presets_shape_before_events_and_storage():
     get_local.unwatch(_Module.forward)
 
 
-def test_split_heads_by_the_modules_head_count_or_warn_once():
-    from visualizer.integrations import split_heads
+def test_a_preset_splits_by_head_count_and_batch_or_warns_once():
+    from visualizer.integrations import heads_apart, split_heads
 
     maps = np.arange(8 * 2 * 3, dtype=np.float32).reshape(8, 2, 3)
+    split = split_heads(maps, 4, 2)
+    assert split.shape == (2, 4, 2, 3) and np.array_equal(split[1, 0], maps[4])
+    assert split_heads(maps, 4, 8).shape == (8, 1, 2, 3)  # one head of a loop over heads
+    assert split_heads(maps, 4, 3) is None and split_heads(maps, None, 2) is None
+    assert split_heads(maps[0], 4, 2).shape == (2, 3)  # not 3-D: as it is
+
+    class Frame:
+        def __init__(self, **local):
+            self.f_locals = local
+
+    def shape(function):
+        return heads_apart(function, ("bsz",))
+
     for attribute in ("num_heads", "num_attention_heads", "n_heads", "n_head"):
-        split = split_heads(maps, _Module(**{attribute: 4}), "A.forward")
-        assert split.shape == (2, 4, 2, 3) and np.array_equal(split[1, 0], maps[4])
-    assert split_heads(maps[0], _Module(num_heads=4), "A.forward").shape == (2, 3)  # not 3-D
-    assert split_heads(maps[None], None, "A.forward").shape == (1, 8, 2, 3)
-    with pytest.warns(CaptureWarning, match=r"B\.forward computes its attention as \(8, 2, 3\).*"
-                                            r"_Module has no head count"):
-        assert split_heads(maps, _Module(heads=[1, 2]), "B.forward") is maps
+        got = shape(_Module.forward)(maps, _Module(**{attribute: 4}), Frame(bsz=2))
+        assert got.shape == (2, 4, 2, 3)
+
+    def a():
+        pass
+
+    with pytest.warns(CaptureWarning, match=r"a computes its attention as \(8, 2, 3\).*"
+                                            r"\(_Module heads: None\)"):
+        assert shape(a)(maps, _Module(heads=[1, 2]), Frame(bsz=2)) is maps
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        split_heads(maps, _Module(), "B.forward")  # once per function
-    with pytest.warns(CaptureWarning, match="no multiple of the 3 heads _Module has"):
-        split_heads(maps, _Module(num_heads=3), "C.forward")
+        shape(a)(maps, _Module(), Frame(bsz=2))  # once per function
+
+    def b():
+        pass
+
+    with pytest.warns(CaptureWarning, match=r"_Module heads: 4"):
+        shape(b)(maps, _Module(num_heads=4), None)  # no frame: no batch size
 
 
 def test_the_seam_splits_a_call_with_merged_heads():

@@ -26,8 +26,8 @@ from .. import _imports, _rewrite
 from .._errors import CaptureWarning
 
 __all__ = ["FAMILY_MODULES", "HEAD_COUNTS", "Preset", "head_count", "heads_apart",
-           "is_softmax", "merged_heads", "plug_in", "presets", "softmax_outputs", "split_heads",
-           "wait_for_adapters", "watch_softmax_outputs"]
+           "is_softmax", "plug_in", "presets", "softmax_outputs", "split_heads",
+           "wait_for_adapters", "warn_unsplit", "watch_softmax_outputs"]
 
 _adapters_waiting = False
 
@@ -102,7 +102,7 @@ def presets():
 # num_heads, num_attention_heads, n_heads, n_head; some: heads).
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
 
-_warned = set()  # the modules whose maps could not be split, warned about once
+_warned = set()  # the functions whose maps could not be split, warned about once
 _warned_lock = threading.Lock()
 
 
@@ -115,63 +115,76 @@ def head_count(module):
     return None
 
 
-def split_heads(maps, module, where):
-    """Return a ``(batch x heads, queries, keys)`` map as ``(batch, heads, queries, keys)``.
+def split_heads(maps, heads, batch):
+    """Return a 3-D map ``(batch x heads, queries, keys)`` as ``(batch, heads, queries, keys)``.
 
-    Several libraries' eager attention computes every head of every sample in
-    one batched matmul with the heads merged into the batch axis (BART-era
-    transformers: FSMT, MVP, XGLM, DETR's kin; ViTDet; timm's BoTNet and SAM),
-    and returns or displays them split.  ``module`` (the attention module that
-    computed them) says how many heads there are (``head_count``); anything
-    but a 3-D map is returned as it is.  When the heads cannot be told apart
-    (no head count, or a first axis that is no multiple of it) the map is kept
-    as computed and a ``CaptureWarning`` names ``where`` (the function), once.
+    A map whose first axis is ``batch`` alone is one head's (a loop over
+    heads): ``(batch, 1, queries, keys)``.  Returns None where the first axis
+    is neither (nothing to go by), and any map but a 3-D one as it is.
     """
     if getattr(maps, "ndim", None) != 3:
         return maps
-    heads = merged_heads(maps.shape, module, where)
-    if heads is None:
-        return maps
-    return maps.reshape(maps.shape[0] // heads, heads, maps.shape[1], maps.shape[2])
-
-
-def merged_heads(shape, module, where):
-    """How many heads the first axis of a 3-D ``shape`` merges with the batch, or None.
-
-    ``module``'s head count (``head_count``) when it divides that axis;
-    otherwise None, and a ``CaptureWarning`` naming ``where``, once.
-    """
-    heads = head_count(module)
-    if heads is not None and shape[0] % heads == 0:
-        return heads
-    with _warned_lock:
-        if where in _warned:
-            return None
-        _warned.add(where)
-    owner = type(module).__name__ if module is not None else "its module"
-    why = ("{} has no head count ({})".format(owner, ", ".join(HEAD_COUNTS)) if heads is None
-           else "its first axis is no multiple of the {} heads {} has".format(heads, owner))
-    warnings.warn(
-        "visualizer: {} computes its attention as {}, without a heads axis, and {}: its maps "
-        "are stored as computed, so the views read that first axis as heads. If it merges "
-        "batch and heads, give {} a num_heads attribute (num_heads = 1 for one head per "
-        "sample) or reshape in get_local.capture(transform={{key: lambda m: m.reshape(batch, "
-        "heads, *m.shape[1:])}}).".format(where, tuple(shape), why, owner),
-        CaptureWarning, stacklevel=3)
+    first, queries, keys = maps.shape
+    if heads is None or batch is None:
+        return None
+    if first == batch * heads:
+        return maps.reshape(batch, heads, queries, keys)
+    if first == batch:
+        return maps.reshape(batch, 1, queries, keys)
     return None
 
 
-def heads_apart(function):
-    """The ``shape`` of a preset watching ``function``: ``split_heads`` with its source."""
+def warn_unsplit(where, module, shape):
+    """Say once per function that its maps keep a layout without a heads axis."""
+    with _warned_lock:
+        if where in _warned:
+            return
+        _warned.add(where)
+    owner = type(module).__name__ if module is not None else "its module"
+    warnings.warn(
+        "visualizer: {} computes its attention as {}, without a heads axis, and visualizer "
+        "cannot tell its batch from its heads there ({} heads: {}): its maps are stored as "
+        "computed, so the views read that first axis as heads. If it merges batch and heads, "
+        "reshape in get_local.capture(transform={{key: lambda m: m.reshape(batch, heads, "
+        "*m.shape[1:])}}).".format(where, tuple(shape), owner, head_count(module)),
+        CaptureWarning, stacklevel=3)
+
+
+def heads_apart(function, batch_names):
+    """The ``shape`` of a preset watching ``function``: heads split from the batch axis.
+
+    Several libraries' eager attention computes every head of every sample in
+    one batched matmul, the heads merged into the batch axis (BART-era
+    transformers: FSMT, MVP, XGLM, DETR's kin; ViTDet; timm's BoTNet and SAM),
+    and returns or shows the maps split.  A 3-D map is split by the head count
+    of the call's ``self`` (``head_count``) and the batch size the function
+    holds in its local named one of ``batch_names`` (``bsz``, ``B``) when it
+    returns; where either is missing, or the first axis is neither batch x
+    heads nor batch, the map is kept and ``warn_unsplit`` says so.
+    """
     where = function.__qualname__
 
-    def shape(maps, source):
-        return split_heads(maps, source, where)
+    def shape(maps, source, frame):
+        if getattr(maps, "ndim", None) != 3:
+            return maps
+        batch = None
+        if frame is not None:
+            local = frame.f_locals
+            for name in batch_names:
+                value = local.get(name)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    batch = value
+                    break
+        split = split_heads(maps, head_count(source), batch)
+        if split is None:
+            warn_unsplit(where, source, maps.shape)
+            return maps
+        return split
 
     return shape
 
 
-def watch_softmax_outputs(get_local, module, named=True):
+def watch_softmax_outputs(get_local, module, named=True, batch_names=()):
     """Watch the eager attention of ``module``'s attention classes; return the functions.
 
     In each class defined in ``module`` whose name says attention (``attn``,
@@ -184,7 +197,8 @@ def watch_softmax_outputs(get_local, module, named=True):
     The cache key is the method's qualname.  On a fused path nothing is
     stored and the kernel calls made inside the method supply its maps.
     A 3-D map is stored as ``(batch, heads, queries, keys)``: its heads split
-    from the batch axis (``split_heads``, by the ``self`` of the call).
+    from the batch axis by the head count of the call's ``self`` and the batch
+    size in the local that ``batch_names`` names (``heads_apart``).
     """
     watched = []
     for cls in list(vars(module).values()):
@@ -207,7 +221,7 @@ def watch_softmax_outputs(get_local, module, named=True):
             if names:
                 watched.append(get_local._watch(function, (names[0],), explicit=False,
                                                 attention=True, collect=is_softmax,
-                                                shape=heads_apart(function)))
+                                                shape=heads_apart(function, batch_names)))
     return watched
 
 

@@ -87,7 +87,8 @@ def _inputs(torch, kind):
         ids = torch.randint(4, 99, (BATCH, SEQ), generator=generator)
         mask = torch.ones(BATCH, SEQ, dtype=torch.long)
         mask[1, 6:] = 0  # right padding
-        inputs = {"input_ids": ids, "attention_mask": mask}
+        # no cache: transformers 4.57's FSMT builds one from a config its decoder lacks
+        inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
         if kind.endswith("decoder"):
             inputs["decoder_input_ids"] = torch.randint(4, 99, (BATCH, DEC_SEQ), generator=generator)
         return inputs

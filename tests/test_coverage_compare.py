@@ -136,3 +136,10 @@ def test_the_report_names_why_a_known_miss_is_missed_and_only_where_it_is_missed
     assert "**" not in other
     section["results"][0]["status"] = "covered"
     assert KNOWN[(library, name)] not in markdown([section])
+
+
+def test_heads_merged_into_the_batch_axis_do_not_match():
+    ref = _softmax(_scores(shape=(2, 4, 3, 5)))  # (B, H, N, M), as output_attentions returns it
+    unmatched, reason, _ = match_maps([ref], [ref.reshape(8, 3, 5)])  # (B*H, N, M): same values
+    assert unmatched == 1 and "1 of shape (2,4,3,5) not captured" in reason
+    assert "captured shapes: 1x(8,3,5)" in reason

@@ -1,12 +1,14 @@
 """A fixed sample of the coverage sweep (``python -m benchmarks.coverage``), run on every submission.
 
-About thirty architectures chosen to span the attention styles: encoders,
+About forty architectures chosen to span the attention styles: encoders,
 decoders with GQA and sliding windows, encoder-decoders with cross
 attention, vision and speech towers, an eager-only model (XLNet), and timm's
 own attention classes (class attention, talking heads, cross-covariance,
 windowed, spatial-reduction, pooling, multi-scale, mask-unit, gated
 positional, per-head loops, differential attention), ConvBERT's attention
-beside a convolution softmax and SEW-D's ``XSoftmax``.  Each is
+beside a convolution softmax and SEW-D's ``XSoftmax``, and models that merge
+their heads into the batch axis (FSMT, ViTDet, BoTNet, SAM ViT: captured in
+the reference's own layout).  Each is
 checked exactly as in the full sweep, in a forked child with a memory cap and
 a time limit: every map of an independent reference (``output_attentions``
 under eager; softmax outputs and recomputed SDPA probabilities with timm's
@@ -25,13 +27,14 @@ import pytest
 from conftest import ROOT, require
 
 TRANSFORMERS = ["bert", "roberta", "gpt2", "llama", "mistral", "gemma2", "qwen2", "t5", "bart",
-                "clip", "vit", "whisper", "xlnet", "deberta-v2", "opt", "convbert", "sew-d"]
+                "clip", "vit", "whisper", "xlnet", "deberta-v2", "opt", "convbert", "sew-d", "fsmt",
+                "vitdet"]
 TIMM = ["vit_small_patch16_224", "deit_tiny_patch16_224", "beit_base_patch16_224",
         "eva02_tiny_patch14_224", "swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224",
         "cait_xxs24_224", "xcit_nano_12_p16_224", "levit_128s", "pvt_v2_b0", "twins_svt_small",
         "maxvit_nano_rw_256", "mvitv2_tiny", "hiera_tiny_224", "efficientformer_l1",
         "crossvit_tiny_240", "efficientvit_m0", "convit_tiny", "efficientformerv2_s0",
-        "vit_dwee_patch16_reg1_gap_256"]
+        "vit_dwee_patch16_reg1_gap_256", "botnet26t_256", "samvit_base_patch16"]
 # Architectures whose attention is not softmax attention: the sweep must say so.
 NO_ATTENTION = {("timm", "coat_lite_tiny"): "factorized (linear) attention: softmax over keys only"}
 

@@ -89,11 +89,13 @@ class GetLocal:
         return self._watch(target, names, source, overrides)
 
     def _watch(self, target, names, source=None, overrides=None, explicit=True,
-               attention=False, collect=None):
+               attention=False, collect=None, shape=None):
         """``watch``, also for presets: ``explicit=False`` marks a preset's target,
         ``attention=True`` one whose values are attention maps, ``collect`` (a
         predicate of loaded names, such as ``integrations.is_softmax``) one that
-        reports every result of such a call it stores (``_state.Target.collecting``)."""
+        reports every result of such a call it stores (``_state.Target.collecting``),
+        ``shape`` (``shape(value, source)``) the layout a preset's values are
+        stored in (``_state.State.shaped``)."""
         if overrides is not None and not isinstance(overrides, dict):
             raise VisualizerTypeError(
                 "overrides must be a dict from attribute name to value, got {!r}".format(
@@ -114,7 +116,7 @@ class GetLocal:
                 "watch: source {!r} is not an argument of {}; its arguments are: {}".format(
                     source, function.__qualname__, ", ".join(arguments)))
         target = self._state.register(function, names, source, overrides, explicit, attention,
-                                      collect)
+                                      collect, shape)
         if explicit and names:
             target.watched = True  # reported if a capture() block ends without a call
         return function

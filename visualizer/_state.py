@@ -134,6 +134,9 @@ class Target:
         # A preset's: a predicate of loaded names; every result of a call to one
         # that the code stores is reported (see ``collecting``).
         self.collect = None
+        # A preset's: ``shape(value, source, frame)`` gives each value it captures
+        # the layout the library's integration promises (see ``State.shaped``).
+        self.shape = None
 
     def takes_calls(self):
         """Whether an attention call made inside this function supplies its unbound name.
@@ -280,14 +283,15 @@ def make_record_locals(target):
     def record_locals(frame_locals):
         try:
             missing = [n for n in target.names if n not in frame_locals]
-            supplied = state.take_supplied(sys._getframe(1)) if state.supplying else None
+            frame = sys._getframe(1)  # the function's, returning
+            supplied = state.take_supplied(frame) if state.supplying else None
             if supplied and not missing and target.attention and not target.explicit and \
                     frame_locals[target.names[0]] is None:
                 missing = [target.names[0]]  # None on a fused path: an attention call supplies it
             if missing:
                 if state.active:
                     if supplied and len(missing) == 1:
-                        state.capture_supplied(target, frame_locals, missing[0], supplied)
+                        state.capture_supplied(target, frame_locals, missing[0], supplied, frame)
                         return
                     if target.explicit or not target.attention:
                         # A preset's eager variable is unbound on the fused path by
@@ -298,7 +302,7 @@ def make_record_locals(target):
             if values[0] is None and target.attention and not target.explicit:
                 return  # a preset's variable on a fused path (see make_record)
             source = None if target.source is None else frame_locals.get(target.source)
-            state.capture(target, source, values)
+            state.capture(target, source, values, frame)
         except Exception as exc:  # never let a capture break the user's function
             state.capture_failed(target, exc)
 
@@ -334,11 +338,12 @@ def make_record(state, target):
         def record(*args):  # (maps) or (source, maps): the softmax results it stored
             try:
                 source = args[0] if len(args) == 2 else None
+                frame = sys._getframe(1)  # the function's, returning
                 for probs in args[-1]:
-                    state.capture(target, source, (probs,))
+                    state.capture(target, source, (probs,), frame)
                 if state.supplying:  # the attention calls made inside it
-                    for probs in state.take_supplied(sys._getframe(1)) or ():
-                        state.store(target, source, (probs,))
+                    for probs in state.take_supplied(frame) or ():
+                        state.store(target, source, (probs,), frame)
             except Exception as exc:
                 failed(target, exc)
         return record
@@ -348,11 +353,12 @@ def make_record(state, target):
             def record(*args):  # (value) or (source, value)
                 try:
                     source = args[0] if len(args) == 2 else None
+                    frame = sys._getframe(1)  # the function's, returning
                     if args[-1] is not None:
-                        state.capture(target, source, args[-1:])
+                        state.capture(target, source, args[-1:], frame)
                     elif state.supplying:  # None on a fused path: attention calls supply it
-                        for probs in state.take_supplied(sys._getframe(1)) or ():
-                            state.store(target, source, (probs,))
+                        for probs in state.take_supplied(frame) or ():
+                            state.store(target, source, (probs,), frame)
                 except Exception as exc:
                     failed(target, exc)
             return record
@@ -466,15 +472,38 @@ class State:
         """Recompute ``fast``: can recorders skip events, transforms and bounds?"""
         self.fast = self.active and self.storage.is_default and not len(self.events)
 
-    def capture(self, target, source, values):
-        """Dispatch events for one call's values, then store them."""
+    def capture(self, target, source, values, frame=None):
+        """Dispatch events for one call's values, then store them (both shaped).
+
+        ``frame``: the frame of the function they come from, returning (for
+        ``shaped``), or None.
+        """
         if not self.active:
             return
+        values = self.shaped(target, source, values, frame)
         keys = target.keys
         if len(self.events):
             for key, name, value in zip(keys, target.names, values):
                 self.events.dispatch(Event(key, target.qualname, name, value, source))
-        self.store(target, source, values)
+        self.put(target, source, values)
+
+    @staticmethod
+    def shaped(target, source, values, frame=None):
+        """``values`` in the layout the target's preset gives them (``Target.shape``).
+
+        A library that computes a map in a layout of its own (heads merged into
+        the batch axis) is known to its integration, which hands the target a
+        ``shape(value, source, frame)``; the core applies it to what the preset
+        captures, before events, selections, reductions and storage see it,
+        and knows no library.  ``frame`` is the returning frame the values come
+        from (None where there is none: a kernel call given to the target from
+        outside, a compiled graph).  A variable the user names is stored as the
+        code holds it.
+        """
+        shape = target.shape
+        if shape is None or target.explicit:
+            return values
+        return [shape(value, source, frame) for value in values]
 
     # -- attention calls delivered from outside the function ---------------------------
 
@@ -561,7 +590,7 @@ class State:
         self.supplied = threading.local()
         self.supplying = False
 
-    def capture_supplied(self, target, frame_locals, name, supplied):
+    def capture_supplied(self, target, frame_locals, name, supplied, frame=None):
         """Store one call of ``target`` per attention call, the call giving ``name``.
 
         The attention call dispatched its events already.
@@ -569,7 +598,7 @@ class State:
         source = None if target.source is None else frame_locals.get(target.source)
         for probs in supplied:
             self.store(target, source, [probs if n == name else frame_locals[n]
-                                        for n in target.names])
+                                        for n in target.names], frame)
 
     def report_silent(self, cache, missed):
         """Warn about what ran while capturing into ``cache`` but left nothing there."""
@@ -601,8 +630,12 @@ class State:
                     "it" if len(silent) == 1 else "them"),
                 CaptureWarning, stacklevel=4)
 
-    def store(self, target, source, values):
-        """Store one call's values (transform, convert, bound), aligned across names."""
+    def store(self, target, source, values, frame=None):
+        """Store one call's values (shape, transform, convert, bound), aligned across names."""
+        self.put(target, source, self.shaped(target, source, values, frame))
+
+    def put(self, target, source, values):
+        """``store`` for values shaped already (see ``shaped``)."""
         if not self.active:
             return
         keys = target.keys
@@ -688,13 +721,15 @@ class State:
             self.notify("removed", target, function)
 
     def register(self, function, names, source, overrides=None, explicit=True,
-                 attention=False, collect=None):
+                 attention=False, collect=None, shape=None):
         """Put ``function`` under capture of ``names``; install now if active.
 
         ``explicit``: the user asked for it (not only a preset); ``attention``:
         its values are attention maps; ``collect``: a predicate of loaded names
         (a softmax): report every result of such a call it stores while only
-        presets watch it (``Target.collecting``).
+        presets watch it (``Target.collecting``); ``shape``: a preset's
+        ``shape(value, source)``, the layout its values are stored in
+        (``State.shaped``).
 
         If the code cannot be rewritten (``_rewrite.UnreadableCode``) while
         active, the error is raised and nothing is registered or changed.
@@ -719,6 +754,7 @@ class State:
                                                   target.collect):
                 target.rewritten = None  # its recorders depend on these (see make_record)
             target.explicit, target.attention, target.collect = explicit, attention, collect
+            target.shape = target.shape or shape
             if self.active:
                 try:
                     target.rewritten_code()
@@ -795,6 +831,7 @@ class _CallKey:
     """What ``State.store`` needs to know of the key of an attention call nothing took."""
 
     __slots__ = ("keys", "names", "qualname", "source", "attention")
+    shape = None  # the seam computes its calls in their layout already
 
     def __init__(self, key, qualname, has_source):
         self.keys = (key,)

@@ -7,9 +7,11 @@ bit-identical (``torch.equal``) to its outputs without capture.
 
 Two rules of :func:`match_maps` make "equals" exact about what a map is:
 
-* shapes: the same values in the same order under another shape match
-  (``(B*H, N, M)`` for ``(B, H, N, M)``; a shape with size-1 axes added or
-  dropped, as timm's GlobalContext ``(B, 1, HW)`` captured as ``(B, 1, HW, 1)``);
+* shapes: a map counts only in the reference's own layout, with one
+  exception: size-1 axes added or dropped (timm's GlobalContext ``(B, 1, HW)``
+  captured as ``(B, 1, HW, 1)``: one axis holds no choice of order).  Heads
+  merged into the batch axis, ``(B*H, N, M)`` for ``(B, H, N, M)``, do not
+  match: the views read the first axis of a 3-D map as heads;
 * scores: a reference map that is no probability distribution (a model
   returning its pre-softmax scores as attentions: SqueezeBERT, ProphetNet's
   encoder and cross attention) matches a captured map equal to its softmax
@@ -87,10 +89,10 @@ def match_maps(reference, captured, owners=None):
     (one name per reference map, for example the module method that computed
     it) are named in the reason for the maps left unmatched.
 
-    Shapes: a captured map matches a reference map of the same shape, of the
-    same size and last two axes (``(B*H, N, M)`` and ``(B, H, N, M)`` hold the
-    same values in the same order), or of the same shape once every size-1
-    axis is dropped from both (``(2, 1, 256)`` and ``(2, 1, 256, 1)``).
+    Shapes: a captured map matches a reference map of the same shape, or of
+    the same shape once every size-1 axis is dropped from both (``(2, 1,
+    256)`` and ``(2, 1, 256, 1)``); never one that holds the same values in
+    another layout (``(B*H, N, M)`` against ``(B, H, N, M)``).
 
     Scores: a reference map that is no probability distribution (see
     :func:`_is_probability`; some models return their pre-softmax scores as
@@ -101,11 +103,9 @@ def match_maps(reference, captured, owners=None):
     conventions of the kernels, and nothing else.
     """
     by_shape = collections.defaultdict(list)
-    by_layout = collections.defaultdict(list)  # (B*H, N, M) and (B, H, N, M) hold the same values
-    by_squeezed = collections.defaultdict(list)  # (2, 1, 256) and (2, 1, 256, 1) too
+    by_squeezed = collections.defaultdict(list)  # (2, 1, 256) and (2, 1, 256, 1) are one layout
     for array in captured:
         by_shape[array.shape].append(array)
-        by_layout[(array.size, array.shape[-2:])].append(array)
         by_squeezed[_squeezed(array.shape)].append(array)
     missing_shape = collections.Counter()
     wrong_value = collections.Counter()
@@ -115,7 +115,7 @@ def match_maps(reference, captured, owners=None):
     not_probabilities = 0
     softmaxed = 0
     for index, ref in enumerate(reference):
-        candidates = _candidates(ref, by_shape, by_layout, by_squeezed)
+        candidates = _candidates(ref, by_shape, by_squeezed)
         if not candidates:
             missing_shape[ref.shape] += 1
             if owners:
@@ -169,11 +169,9 @@ def _squeezed(shape):
     return tuple(s for s in shape if s != 1)
 
 
-def _candidates(ref, by_shape, by_layout, by_squeezed):
+def _candidates(ref, by_shape, by_squeezed):
     """The captured maps that may hold ``ref``'s values, reshaped to ``ref``'s shape."""
     candidates = by_shape.get(ref.shape, [])
-    if not candidates:
-        candidates = [c.reshape(ref.shape) for c in by_layout.get((ref.size, ref.shape[-2:]), [])]
     if not candidates:
         candidates = [c.reshape(ref.shape) for c in by_squeezed.get(_squeezed(ref.shape), [])]
     return candidates

@@ -6,9 +6,12 @@ recorded (``torch.softmax``, ``Tensor.softmax``, ``F.softmax``, ``nn.Softmax``),
 and every ``F.scaled_dot_product_attention`` call has its probabilities
 recomputed by hand (``softmax(q kᵀ · scale + mask)``, causal and GQA
 included) and recorded beside the real call, whose result is returned
-untouched.  It knows nothing of visualizer: it is the reference the captures
-are compared with (run it on a model whose fused attention is switched off,
-so that the probabilities exist).
+untouched.  Beside each map it keeps the method that computed it and what
+that method knows of its layout: its module's ``num_heads`` and the batch
+size in its local ``B`` (timm's spellings; see ``_timm.in_layout``).  It
+knows nothing of visualizer: it is the reference the captures are compared
+with (run it on a model whose fused attention is switched off, so that the
+probabilities exist).
 """
 import math
 import sys
@@ -50,6 +53,7 @@ class SoftmaxRecorder(TorchFunctionMode):
         self.maps = []
         self.kinds = []
         self.owners = []
+        self.layouts = []  # (num_heads, B) of the computing method, each None where it has none
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -60,7 +64,7 @@ class SoftmaxRecorder(TorchFunctionMode):
                     dim == -1 or dim == result.dim() - 1):
                 self.maps.append(result.detach().float().clone())
                 self.kinds.append("softmax")
-                self.owners.append(_owner())
+                self._owner()
         elif func is torch.nn.functional.scaled_dot_product_attention:
             names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
             bound = dict(zip(names, args), **kwargs)
@@ -68,16 +72,24 @@ class SoftmaxRecorder(TorchFunctionMode):
             with torch.no_grad():
                 self.maps.append(sdpa_probabilities(**bound).detach())
             self.kinds.append("sdpa")
-            self.owners.append(_owner())
+            self._owner()
         return result
 
+    def _owner(self):
+        """Record the nearest method of a ``torch.nn.Module`` on the call stack: its
+        ``'Class.method'`` and ``(num_heads, B)``."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            local = frame.f_locals
+            module = local.get("self") if frame.f_code.co_varnames[:1] == ("self",) else None
+            if isinstance(module, torch.nn.Module):
+                self.owners.append("{}.{}".format(type(module).__name__, frame.f_code.co_name))
+                self.layouts.append((_int(getattr(module, "num_heads", None)), _int(local.get("B"))))
+                return
+            frame = frame.f_back
+        self.owners.append("?")
+        self.layouts.append((None, None))
 
-def _owner():
-    """``'Class.method'`` of the nearest method of a ``torch.nn.Module`` on the call stack."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        self = frame.f_locals.get("self") if frame.f_code.co_varnames[:1] == ("self",) else None
-        if isinstance(self, torch.nn.Module):
-            return "{}.{}".format(type(self).__name__, frame.f_code.co_name)
-        frame = frame.f_back
-    return "?"
+
+def _int(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -29,15 +29,23 @@ its **default** attention implementation under `get_local.watch_attention()` and
   are not all matched, a second reference is tried: the default (fused) forward itself, every
   kernel call's probabilities recomputed by hand from its own q and k (the unfused copy's later
   layers see activations rounded differently, and differential attention computes in one
-  softmax what its fused path computes in two kernel calls); the row says so.
+  softmax what its fused path computes in two kernel calls); the row says so. timm has no
+  output layout of its own, so a 3-D reference map is laid out as every map is delivered,
+  `(batch, heads, queries, keys)`: `(B, H, N, M)` where its first axis is `B` x `H` (heads
+  merged into the batch axis: BoTNet, SAM ViT), `(B, 1, N, M)` where it is `B` (one head of
+  a loop over heads: EfficientViT), `H` the module's `num_heads` and `B` the batch (windows
+  included) in the computing method's local `B`.
 
-Status: **covered**: every reference map equals some captured map (absolute tolerance 1e-5) and
-the outputs under capture are bit-identical (`torch.equal`) to the outputs without capture
-(a map equals another of a different shape holding the same values in the same order: heads
-merged into the batch axis, or size-1 axes added or dropped; a reference map that is no
-probability distribution, a model's pre-softmax scores returned as attentions, equals a
-captured map that is its softmax over the last axis, computed by the harness in float64, rows
-masked whole being zeros or uniform; the row of such an architecture says so);
+Status: **covered**: every reference map equals some captured map in the reference's own
+layout (absolute tolerance 1e-5) and the outputs under capture are bit-identical
+(`torch.equal`) to the outputs without capture. A map counts only in the reference's shape:
+the same values under another shape, such as heads merged into the batch axis
+(`(B*H, N, M)` for `(B, H, N, M)`), do not count; the one exception is size-1 axes added or
+dropped (timm's GlobalContext `(B, 1, HW)` captured as `(B, 1, HW, 1)`), where no order of
+values is at stake. A reference map that is no probability distribution, a model's
+pre-softmax scores returned as attentions, equals a captured map that is its softmax over
+the last axis, computed by the harness in float64, rows masked whole being zeros or
+uniform; the row of such an architecture says so;
 **missed**: a reference map was not captured, or an output changed (the reason says which);
 **no attention**: builds and runs but returns no attention maps under the reference (not
 applicable: no softmax attention, or none the library exposes); **not built**: cannot be built

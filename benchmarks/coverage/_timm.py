@@ -12,6 +12,11 @@ For one model name :func:`check`
 3. runs the default (fused) model without capture, then under
    ``watch_attention()`` and ``capture()``, and compares (see ``_compare``).
 
+timm has no layout of its own for maps (no ``output_attentions``): the
+reference holds each as torch computed it, and a 3-D one is expected in the
+layout every attention map has, ``(batch, heads, queries, keys)``
+(:func:`in_layout`).
+
 A model name is swept when its module (or a timm.models module it imports
 from) mentions softmax, SDPA, ``fused_attn`` or an ``Attention`` class; a
 model none of whose modules (built on the meta device) comes from a source
@@ -25,7 +30,7 @@ import re
 
 from ._compare import captured_maps, match_maps, one_line, outputs_equal
 
-__all__ = ["model_names", "check", "versions", "IMG_SIZE"]
+__all__ = ["model_names", "check", "in_layout", "versions", "IMG_SIZE"]
 
 IMG_SIZE = 64
 DEPTH = 2  # where the model takes ``depth`` (ViT and kin): giant widths stay, 40 blocks do not
@@ -136,6 +141,27 @@ def _set_fused(model, value):
     return before
 
 
+def in_layout(maps, layouts):
+    """The reference maps in the layout ``(batch, heads, queries, keys)``.
+
+    A 3-D map computed by a method whose module has ``num_heads`` H and whose
+    local ``B`` holds the batch (windows included: Swin-like blocks attend
+    within ``B = batch x windows``): ``(B, H, N, M)`` where its first axis is
+    ``B x H`` (heads merged into the batch axis: BoTNet, SAM ViT), ``(B, 1, N,
+    M)`` where it is ``B`` (one head of a loop over heads: EfficientViT).  Any
+    other map stays as torch computed it.
+    """
+    laid_out = []
+    for array, (heads, batch) in zip(maps, layouts):
+        if array.ndim == 3 and heads and batch:
+            if array.shape[0] == batch * heads:
+                array = array.reshape((batch, heads) + array.shape[1:])
+            elif array.shape[0] == batch:
+                array = array.reshape((batch, 1) + array.shape[1:])
+        laid_out.append(array)
+    return laid_out
+
+
 def _forward(model, x):
     import torch
 
@@ -171,7 +197,7 @@ def check(name):
     finally:
         for module, value in before:
             module.fused_attn = value
-    reference = [m.numpy() for m in recorder.maps]
+    reference = in_layout([m.numpy() for m in recorder.maps], recorder.layouts)
     result["fused_modules"] = len(before)
     if not reference:
         return dict(result, status="no attention", reason="computes no softmax or SDPA")
@@ -200,7 +226,8 @@ def check(name):
         fused = SoftmaxRecorder()
         with fused:
             _forward(model, x)
-        again = match_maps([m.numpy() for m in fused.maps], maps) if fused.maps else None
+        again = match_maps(in_layout([m.numpy() for m in fused.maps], fused.layouts), maps) \
+            if fused.maps else None
         if again is not None and not again[0]:
             note = "; ".join(n for n in (
                 "reference: the default forward's kernel calls, recomputed from their q and k "

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from typing import Any, List, Optional
+from typing import Any, List
 
 from .._errors import VisualizerError, VisualizerValueError
 from ..attention import to_numpy

@@ -20,10 +20,11 @@ Nothing here imports a library: each module acts when the library is
 imported by the user's code (``visualizer._imports``).  The next library is
 one new module, with a ``PRESET`` listed in ``presets()`` if it needs one.
 """
-from ._common import Preset, is_softmax, softmax_outputs, watch_softmax_outputs
+from ._common import (HEAD_COUNTS, Preset, head_count, heads_apart, is_softmax,
+                      softmax_outputs, split_heads, warn_unsplit, watch_softmax_outputs)
 
-__all__ = ["Preset", "is_softmax", "plug_in", "presets", "softmax_outputs",
-           "watch_softmax_outputs"]
+__all__ = ["HEAD_COUNTS", "Preset", "head_count", "heads_apart", "is_softmax", "plug_in",
+           "presets", "softmax_outputs", "split_heads", "warn_unsplit", "watch_softmax_outputs"]
 
 
 def plug_in(state):

@@ -1,7 +1,12 @@
 """What the libraries' modules share: a preset's shape, what counts as a softmax, watching them."""
-from .. import _compat, _rewrite
+import threading
+import warnings
 
-__all__ = ["Preset", "is_softmax", "softmax_outputs", "watch_softmax_outputs"]
+from .. import _compat, _rewrite
+from .._errors import CaptureWarning
+
+__all__ = ["HEAD_COUNTS", "Preset", "head_count", "heads_apart", "is_softmax", "softmax_outputs",
+           "split_heads", "warn_unsplit", "watch_softmax_outputs"]
 
 
 def is_softmax(name):
@@ -46,7 +51,93 @@ class Preset:
         self.still = still
 
 
-def watch_softmax_outputs(get_local, module, named=True):
+# How attention modules spell their head count (torch, timm: num_heads; transformers:
+# num_heads, num_attention_heads, n_heads, n_head; some: heads).
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+
+_warned = set()  # the functions whose maps could not be split, warned about once
+_warned_lock = threading.Lock()
+
+
+def head_count(module):
+    """Return the number of heads an attention module says it has, or None."""
+    for name in HEAD_COUNTS:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def split_heads(maps, heads, batch):
+    """Return a 3-D map ``(batch x heads, queries, keys)`` as ``(batch, heads, queries, keys)``.
+
+    A map whose first axis is ``batch`` alone is one head's (a loop over
+    heads): ``(batch, 1, queries, keys)``.  Returns None where the first axis
+    is neither (nothing to go by), and any map but a 3-D one as it is.
+    """
+    if getattr(maps, "ndim", None) != 3:
+        return maps
+    first, queries, keys = maps.shape
+    if heads is None or batch is None:
+        return None
+    if first == batch * heads:
+        return maps.reshape(batch, heads, queries, keys)
+    if first == batch:
+        return maps.reshape(batch, 1, queries, keys)
+    return None
+
+
+def warn_unsplit(where, module, shape):
+    """Say once per function that its maps keep a layout without a heads axis."""
+    with _warned_lock:
+        if where in _warned:
+            return
+        _warned.add(where)
+    owner = type(module).__name__ if module is not None else "its module"
+    warnings.warn(
+        "visualizer: {} computes its attention as {}, without a heads axis, and visualizer "
+        "cannot tell its batch from its heads there ({} heads: {}): its maps are stored as "
+        "computed, so the views read that first axis as heads. If it merges batch and heads, "
+        "reshape in get_local.capture(transform={{key: lambda m: m.reshape(batch, heads, "
+        "*m.shape[1:])}}).".format(where, tuple(shape), owner, head_count(module)),
+        CaptureWarning, stacklevel=3)
+
+
+def heads_apart(function, batch_names):
+    """The ``shape`` of a preset watching ``function``: heads split from the batch axis.
+
+    Several libraries' eager attention computes every head of every sample in
+    one batched matmul, the heads merged into the batch axis (BART-era
+    transformers: FSMT, MVP, XGLM, DETR's kin; ViTDet; timm's BoTNet and SAM),
+    and returns or shows the maps split.  A 3-D map is split by the head count
+    of the call's ``self`` (``head_count``) and the batch size the function
+    holds in its local named one of ``batch_names`` (``bsz``, ``B``) when it
+    returns; where either is missing, or the first axis is neither batch x
+    heads nor batch, the map is kept and ``warn_unsplit`` says so.
+    """
+    where = function.__qualname__
+
+    def shape(maps, source, frame):
+        if getattr(maps, "ndim", None) != 3:
+            return maps
+        batch = None
+        if frame is not None:
+            local = frame.f_locals
+            for name in batch_names:
+                value = local.get(name)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    batch = value
+                    break
+        split = split_heads(maps, head_count(source), batch)
+        if split is None:
+            warn_unsplit(where, source, maps.shape)
+            return maps
+        return split
+
+    return shape
+
+
+def watch_softmax_outputs(get_local, module, named=True, batch_names=()):
     """Watch the eager attention of ``module``'s attention classes; return the functions.
 
     In each class defined in ``module`` whose name says attention (``attn``,
@@ -58,6 +149,9 @@ def watch_softmax_outputs(get_local, module, named=True):
     the talking heads mix them, both softmaxes of ConViT's gated attention.
     The cache key is the method's qualname.  On a fused path nothing is
     stored and the kernel calls made inside the method supply its maps.
+    A 3-D map is stored as ``(batch, heads, queries, keys)``: its heads split
+    from the batch axis by the head count of the call's ``self`` and the batch
+    size in the local that ``batch_names`` names (``heads_apart``).
     """
     watched = []
     for cls in list(vars(module).values()):
@@ -79,5 +173,6 @@ def watch_softmax_outputs(get_local, module, named=True):
             names = softmax_outputs(code)
             if names:
                 watched.append(get_local._watch(function, (names[0],), explicit=False,
-                                                attention=True, collect=is_softmax))
+                                                attention=True, collect=is_softmax,
+                                                shape=heads_apart(function, batch_names)))
     return watched

@@ -45,7 +45,7 @@ import weakref
 from .. import _compat, _imports, attention
 from .._errors import CaptureWarning
 from .._state import Extension
-from ._common import Preset
+from ._common import Preset, head_count, warn_unsplit
 
 __all__ = ["Seam", "install", "uninstall", "adapter", "Call", "probabilities", "reduced",
            "reduce_map", "calls_seen", "compiling", "PRESET"]
@@ -440,7 +440,44 @@ def locate(frame, call, state):
 
 def _deliver(state, frame, call):
     call, owner, key, qualname, source = locate(frame, call, state)
+    if call.query.dim() == 3:
+        call = _heads_apart(call, owner, frame, source, qualname)
     state.capture_call(key, qualname, source, call, owner)
+
+
+def _heads_apart(call, owner, frame, source, qualname):
+    """A call made with heads merged into the batch axis, its heads split from the batch.
+
+    timm's SAM ViT calls the kernel with ``(batch x heads, tokens, dim)``.
+    Its probabilities get the layout of every other call, ``(batch, heads,
+    queries, keys)``, so that ``heads=`` and the reductions see heads, not
+    samples: by the calling module's head count (``integrations.head_count``)
+    where it divides the first axis (a module of several heads that calls the
+    kernel with no heads axis merges them: the kernel takes heads itself).
+    Otherwise the call is left as it is, and ``integrations.warn_unsplit``
+    says so once.
+    """
+    module = source
+    if owner is not None:
+        target, owner_frame, module = owner
+        if module is None and owner_frame is not None and target.source is not None:
+            module = owner_frame.f_locals.get(target.source)
+        qualname = target.qualname
+    q, k, v, mask = call.query, call.key, call.value, call.attn_mask
+    merged = q.shape[0]
+    heads = head_count(module)
+    fits = k.dim() == 3 and v.dim() == 3 and k.shape[0] == merged == v.shape[0] and (
+        mask is None or mask.dim() < 3 or mask.shape[-3] == 1 or
+        mask.dim() == 3 and mask.shape[0] == merged)
+    if heads is None or merged % heads or not fits:
+        warn_unsplit(qualname, module, (merged, q.shape[1], k.shape[1]))
+        return call
+    batch = merged // heads
+    if mask is not None and mask.dim() == 3 and mask.shape[0] != 1:
+        mask = mask.reshape(batch, heads, mask.shape[1], mask.shape[2])
+    return call.replace(query=q.reshape(batch, heads, q.shape[1], q.shape[2]),
+                        key=k.reshape(batch, heads, k.shape[1], k.shape[2]),
+                        value=v.reshape(batch, heads, v.shape[1], v.shape[2]), attn_mask=mask)
 
 
 # -- reductions at compute time (``reduce=``) ------------------------------------------

@@ -17,14 +17,16 @@ the maps, under the method's qualname, whichever path ran.
 """
 from ._common import Preset, watch_softmax_outputs
 
-__all__ = ["PACKAGE", "PRESET", "watch_module"]
+__all__ = ["BATCH_NAMES", "PACKAGE", "PRESET", "watch_module"]
 
 PACKAGE = "timm"
+# The locals its attention classes keep the batch size in (``B, N, C = x.shape``).
+BATCH_NAMES = ("B",)
 
 
 def watch_module(get_local, module):
     """Watch the eager attention of one timm module; return the functions watched."""
-    return watch_softmax_outputs(get_local, module, named=False)
+    return watch_softmax_outputs(get_local, module, named=False, batch_names=BATCH_NAMES)
 
 
 PRESET = Preset(

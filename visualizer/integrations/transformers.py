@@ -25,7 +25,12 @@ of each modeling module.  So:
   result they store (``attention_probs``, ``attn_prob``; ConvBERT's
   attention beside its span-based convolution kernel's softmax; DeBERTa's
   and SEW-D's ``XSoftmax``), under the method's qualname; 4.x SDPA classes
-  call the kernel themselves.
+  call the kernel themselves.  Those that merge the heads into the batch axis
+  (FSMT, MVP, XGLM, Table Transformer, ViTDet, Mask2Former's decoder; every
+  BART-era class of 4.x) store ``(batch x heads, queries, keys)`` and return
+  it split for ``output_attentions``: their maps are split the same way, by
+  the module's ``num_heads`` and the batch size in ``bsz`` or ``batch_size``
+  (``BATCH_NAMES``; see ``integrations.heads_apart``).
 """
 import sys
 
@@ -33,11 +38,13 @@ from .. import _imports
 from . import kernel
 from ._common import Preset, watch_softmax_outputs
 
-__all__ = ["PACKAGE", "PRESET", "SDPA_MODULE", "adapt_sdpa", "is_modeling_module",
+__all__ = ["BATCH_NAMES", "PACKAGE", "PRESET", "SDPA_MODULE", "adapt_sdpa", "is_modeling_module",
            "on_sdpa_module", "wait_for_adapters", "watch_modeling_module"]
 
 PACKAGE = "transformers"
 SDPA_MODULE = PACKAGE + ".integrations.sdpa_attention"
+# The locals its attention classes keep the batch size in (``bsz * self.num_heads``).
+BATCH_NAMES = ("bsz", "batch_size")
 
 
 def adapt_sdpa(frame, call, state):
@@ -78,7 +85,7 @@ def watch_modeling_module(get_local, module):
     # such as BLOOM and XLNet), and those beside it (GIT's text attention, the
     # BigBird-Pegasus encoder's full attention).  Classes that dispatch to
     # eager_attention_forward store no softmax and are left alone.
-    return watched + watch_softmax_outputs(get_local, module)
+    return watched + watch_softmax_outputs(get_local, module, batch_names=BATCH_NAMES)
 
 
 _adapters_waiting = []

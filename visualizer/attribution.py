@@ -71,7 +71,8 @@ def relevance(maps: Sequence[Any], grads: Optional[Sequence[Any]] = None) -> Any
     array([2., 1., 1.], dtype=float32)
     """
     layers = attention_times_gradient(maps, grads)
-    return _accumulate(layers, "relevance")
+    hat = _accumulate(layers, "relevance")
+    return hat + _backend_of(hat).eye(hat.shape[-1], hat)
 
 
 def attention_times_gradient(maps: Sequence[Any],
@@ -147,24 +148,26 @@ def encoder_decoder_relevance(encoder: Sequence[Any], decoder: Sequence[Any],
             "encoder_decoder_relevance needs one cross-attention map per decoder "
             "self-attention map (one of each per decoder layer), got {} and {}".format(
                 len(decoder), len(cross)))
-    r_ss = relevance(encoder)
+    hat_ss = _accumulate(attention_times_gradient(encoder), "encoder_decoder_relevance")
     selfs = attention_times_gradient(decoder)
+    _accumulate(selfs, "encoder_decoder_relevance")  # checks the decoder's maps
     crosses = attention_times_gradient(cross)
     backend = _backend_of(selfs[0])
     t, s = crosses[0].shape[-2], crosses[0].shape[-1]
-    if r_ss.shape[-1] != s or selfs[0].shape[-1] != t:
+    if hat_ss.shape[-1] != s or selfs[0].shape[-1] != t:
         raise VisualizerValueError(
             "the cross-attention maps are {} queries by {} keys, but the decoder has {} tokens "
             "and the encoder {}: pass maps of the same forward pass".format(
-                t, s, selfs[0].shape[-1], r_ss.shape[-1]))
-    r_tt = backend.eye(t, selfs[0])
+                t, s, selfs[0].shape[-1], hat_ss.shape[-1]))
+    hat_tt = backend.zeros(selfs[0])  # R_tt - I
     r_ts = backend.zeros(crosses[0])
-    r_ss_bar = _normalised(backend, r_ss)
+    r_ss_bar = _normalised(backend, hat_ss)
     for self_map, cross_map in zip(selfs, crosses):
-        r_tt = r_tt + self_map @ r_tt
-        r_ts = r_ts + self_map @ r_ts
-        r_ts = r_ts + backend.transpose(_normalised(backend, r_tt)) @ cross_map @ r_ss_bar
-    return {"encoder": r_ss, "decoder": r_tt, "cross": r_ts}
+        hat_tt = hat_tt + self_map + self_map @ hat_tt    # eq. 6
+        r_ts = r_ts + self_map @ r_ts                     # eq. 7
+        r_ts = r_ts + backend.transpose(_normalised(backend, hat_tt)) @ cross_map @ r_ss_bar
+    return {"encoder": hat_ss + backend.eye(s, hat_ss), "decoder": hat_tt + backend.eye(t, hat_tt),
+            "cross": r_ts}
 
 
 # -- the pieces ------------------------------------------------------------------------
@@ -175,7 +178,12 @@ def _weighted(backend, a, g):
 
 
 def _accumulate(layers, what):
-    """``R = I``; ``R ← R + Ā R`` through ``layers`` (the self-attention rule)."""
+    """``R - I`` after ``R = I``; ``R ← R + Ā R`` through ``layers`` (the self-attention rule).
+
+    Kept as ``R̂ = R - I`` (``R̂ ← R̂ + Ā + Ā R̂``): the same numbers, without
+    subtracting 1 from diagonals of ``1 + 1e-6`` in float32 where ``R̄``
+    needs ``R - I`` (``encoder_decoder_relevance``).
+    """
     first = layers[0]
     n = first.shape[-1]
     for i, layer in enumerate(layers):
@@ -186,19 +194,20 @@ def _accumulate(layers, what):
                 "Cross-attention: use encoder_decoder_relevance; decoding with a KV cache: "
                 "explain one forward pass over the whole sequence".format(
                     what, i, layer.shape[-2], layer.shape[-1], n))
-    backend = _backend_of(first)
-    result = backend.eye(n, first)
+    hat = None
     for layer in layers:
-        result = result + layer @ result
-    return result
+        hat = layer if hat is None else hat + layer + layer @ hat
+    return hat
 
 
-def _normalised(backend, r):
-    """``R̄``: ``R - I`` with each row divided by its sum (rows summing to 0 stay 0), plus ``I``."""
-    eye = backend.eye(r.shape[-1], r)
-    hat = r - eye
+def _normalised(backend, hat):
+    """``R̄`` from ``R̂ = R - I``: each row divided by its sum (a row summing to 0 stays 0), plus ``I``.
+
+    (Chefer et al.'s code divides 0 by 0 there and zeroes every NaN of the update.)
+    """
     sums = hat.sum(-1)[..., None]
-    return backend.where(sums > 0, hat / backend.where(sums > 0, sums, 1.0), 0.0) + eye
+    return backend.where(sums > 0, hat / backend.where(sums > 0, sums, 1.0), 0.0) + \
+        backend.eye(hat.shape[-1], hat)
 
 
 def _heads_axis(layer):

@@ -540,11 +540,22 @@ def join(out, joins):
     itself: autograd forbids changing in place an input a custom function
     returned as it is, and a model may change its attention output in place.)
     """
+    global _dropout_said
     torch = sys.modules["torch"]
     maps = [entry for entry in joins if entry[1].requires_grad]
     if not maps or not torch.is_grad_enabled():
         return out
+    if not _dropout_said and any(call.dropout_p for call, _, _, _ in maps):
+        _dropout_said = True
+        warnings.warn(
+            "visualizer: capture(grad=True) of an attention kernel that runs dropout (the model "
+            "is in training mode): each map is the probabilities before dropout and its .grad "
+            "the gradient of the map after dropout, whose mask the kernel keeps to itself. For "
+            "relevance, call model.eval() first", CaptureWarning, stacklevel=3)
     return _join_function().apply(out, tuple(maps), *[entry[1] for entry in maps])
+
+
+_dropout_said = False
 
 
 _Join = None

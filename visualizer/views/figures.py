@@ -1385,6 +1385,7 @@ def plot_relevance_maps(
     cmap: str = "jet",
     alpha: float = 0.5,
     title: Optional[str] = None,
+    show_image: bool = True,
     panel_size: float = 3.2,
 ) -> Figure:
     """Draw several explanations of one output side by side, each over the image.
@@ -1393,19 +1394,27 @@ def plot_relevance_maps(
     to what :func:`plot_relevance_on_image` takes: a matrix ``(T, T)``, a
     batch ``(B, T, T)`` or a vector over the tokens (the CLS row of a layer's
     attention, say).  Each panel is coloured from 0 to its own largest share.
+    ``show_image`` puts the image alone first, to compare the overlays with.
 
     >>> import numpy as np
     >>> r = np.eye(5) + 0.1
     >>> fig = plot_relevance_maps({"relevance": r, "rollout": r}, np.zeros((32, 32, 3)))
     >>> [ax.get_title() for ax in fig.axes if ax.images]
-    ['relevance', 'rollout']
+    ['the image', 'relevance', 'rollout']
     """
     if not isinstance(maps, Mapping) or not maps:
         raise VisualizerTypeError(
             "expected maps as a non-empty dict from a name to a relevance matrix or a vector "
             "over the tokens, got {}".format(type(maps).__name__))
-    fig = _new_figure((panel_size * len(maps) + 0.4, panel_size + 0.7))
-    axes = fig.subplots(1, len(maps), squeeze=False)[0]
+    panels = len(maps) + bool(show_image)
+    fig = _new_figure((panel_size * panels + 0.4, panel_size + 0.7))
+    axes = list(fig.subplots(1, panels, squeeze=False)[0])
+    if show_image:
+        ax = axes.pop(0)
+        ax.imshow(_image_array(image), interpolation="nearest")
+        ax.set_title("the image")
+        ax.set_xticks([])
+        ax.set_yticks([])
     for ax, (name, value) in zip(axes, maps.items()):
         plot_relevance_on_image(value, image, grid, query=query,
                                 num_prefix_tokens=num_prefix_tokens, sample=sample,

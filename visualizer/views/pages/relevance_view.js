@@ -70,14 +70,7 @@
       spans.forEach(function (s, i) {
         s.classList.toggle("vz-current", p ? i === p[target] : false);
         s.classList.toggle("vz-future", i >= limit && !(p && i === p[target]));
-        if (i < limit && max > 0 && v[i] > 0) {
-          var a = v[i] / max;
-          s.style.backgroundColor = VZ.rgba(a, 0.15 + 0.75 * a);
-          s.style.color = a > 0.6 ? "#000" : "";
-        } else {
-          s.style.backgroundColor = "";
-          s.style.color = "";
-        }
+        VZ.shade(s, i < limit && max > 0 && v[i] > 0 ? v[i] / max : null);
         s.title = i < limit ? "relevance " + VZ.fmt(v[i]) : "";
       });
       return {max: max, values: before, names: function (j) { return data.tokens[j]; }};

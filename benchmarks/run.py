@@ -40,6 +40,12 @@ FULL = {
     "gen_new": 64,
     "gen_rounds": 10,
     "gen_memory_prompt": 2048,
+    "relevance_batch": 8,
+    "relevance_rounds": 15,
+    "digits_seconds": 120.0,  # 20 epochs take about 20 s on a quiet core
+    "digits_epochs": 20,
+    "faithfulness_images": 1000,  # all the held-out digits (360)
+    "faithfulness_figure": "benchmarks/figures/faithfulness.png",
 }
 
 QUICK = dict(FULL, batch=2, vit_kwargs={"depth": 2, "img_size": 32}, warmup=1,
@@ -47,13 +53,15 @@ QUICK = dict(FULL, batch=2, vit_kwargs={"depth": 2, "img_size": 32}, warmup=1,
              percall_number=2000, percall_rounds=2, decorate_n=4, decorate_rounds=1,
              memory_batch=2, import_rounds=1, parallel_children=4, compiled_rounds=2,
              compiled_warmup=1, compile_backend="eager", long_tokens=512, long_batches=3,
-             gen_prompt=8, gen_new=6, gen_rounds=2, gen_memory_prompt=32)
+             gen_prompt=8, gen_new=6, gen_rounds=2, gen_memory_prompt=32,
+             relevance_batch=2, relevance_rounds=2, digits_seconds=3.0, digits_epochs=1,
+             faithfulness_images=40, faithfulness_figure=None)
 
 # The same code as vit_s at tiny sizes; --quick leaves it out to stay fast.
 QUICK_SKIPS = {"vit_b"}
 
 SECTIONS = ["percall", "decorate", "vit_s", "vit_b", "bert", "compiled", "memory", "imports",
-            "longcontext", "generation"]
+            "longcontext", "generation", "relevance", "faithfulness"]
 
 
 def _log(message):
@@ -81,7 +89,8 @@ def main(argv=None):
         if args.rounds < 2:
             parser.error("--rounds must be at least 2 (a ratio needs a spread)")
         cfg = dict(cfg, **{key: args.rounds for key in (
-            "vit_s_rounds", "vit_b_rounds", "bert_rounds", "compiled_rounds", "gen_rounds")})
+            "vit_s_rounds", "vit_b_rounds", "bert_rounds", "compiled_rounds", "gen_rounds",
+            "relevance_rounds")})
     # Children (memory, imports) run from the repository root with -m.
     os.chdir(_env.REPO)
     if _env.REPO not in sys.path:
@@ -115,7 +124,7 @@ def main(argv=None):
         if args.require_anycapture:
             failed.append("anycapture")
 
-    from . import bert, compiled, generation, imports, longcontext, memory, percall, vit
+    from . import bert, compiled, generation, imports, longcontext, memory, percall, relevance, vit
 
     size = "quick (tiny sizes, numbers meaningless)" if args.quick else "full"
     header.append("sizes: {}; batch {}".format(size, cfg["batch"]))
@@ -146,6 +155,10 @@ def main(argv=None):
         cfg["long_tokens"]), longcontext.run, cfg, notes)
     section("generation", "generate() of {} new tokens, tiny random Llama (GQA), CPU".format(
         cfg["gen_new"]), generation.run, cfg, notes)
+    section("relevance", "Relevance: forward + backward with capture(grad=True), {} rounds".format(
+        cfg["relevance_rounds"]), relevance.overhead, cfg, notes)
+    section("faithfulness", "Relevance: the perturbation test on the digits ViT",
+            relevance.faithfulness, cfg, notes)
 
     targets = _targets(summaries, cfg)
     if targets:
@@ -253,6 +266,22 @@ def _targets(s, cfg):
                      _ratio(g["rows_vs_sdpa"]), _verdict(*g["rows_vs_sdpa"], target=1.10)])
         rows.append(["generate, capture of full maps, x no capture (no target)",
                      _ratio(g["full_vs_sdpa"]), ""])
+    rel = s.get("relevance")
+    if rel:
+        for label, v in rel.items():
+            rows.append(["{} forward + backward, capture(grad=True) x none (no target)".format(
+                label), _ratio(v["grad_vs_plain"]), ""])
+    f = s.get("faithfulness")
+    if f:
+        ours = f["relevance"]["positive"]
+        faster = ours < f["random"]["positive"] and \
+            ours < f["raw attention (last layer CLS)"]["positive"]
+        rows.append(["digits ViT: relevance order drops the class faster than random and raw "
+                     "attention (positive AUC)",
+                     "{:.3f} vs {:.3f} random, {:.3f} raw attention".format(
+                         ours, f["random"]["positive"],
+                         f["raw attention (last layer CLS)"]["positive"]),
+                     "met" if faster else "MISSED"])
     if not rows:
         return ""
     return markdown(["target", "this run (median of per-round ratios)", "verdict"], rows)

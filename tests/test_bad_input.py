@@ -237,7 +237,7 @@ def test_watch_attention_with_a_number(busy):
 # -- storage options -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, fragment", [
-    ({"store": None}, ValueError, "store must be one of"),
+    ({"store": "graphs"}, ValueError, "store must be one of"),  # None is the default
     ({"store": "Numpy"}, ValueError, "got 'Numpy'"),
     ({"keep_last": 1.5}, ValueError, "got 1.5"),
     ({"keep_last": "3"}, ValueError, "got '3'"),

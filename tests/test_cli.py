@@ -20,9 +20,11 @@ from conftest import ROOT, require
 # Offline, the demo's ViT is the 3-layer one trained on scikit-learn's digits.
 DEMO_FIGURES = [
     "vit_heads_layer3.png", "vit_cls_layer3.png", "vit_cls_heads_layer3.png",
-    "vit_patch_query_layer3.png", "vit_rollout.png",
-] + ["bert_tokens_layer{}.png".format(i) for i in range(1, 7)] + ["bert_heads_layer6.png"]
-DEMO_PAGES = ["vit_image.html", "bert_model.html", "bert_head.html", "index.html"]
+    "vit_patch_query_layer3.png", "vit_rollout.png", "vit_relevance.png",
+] + ["bert_tokens_layer{}.png".format(i) for i in range(1, 7)] + [
+    "bert_heads_layer6.png", "bert_relevance.png"]
+DEMO_PAGES = ["vit_image.html", "vit_relevance.html", "bert_model.html", "bert_head.html",
+              "bert_relevance.html", "index.html"]
 
 
 def cli(*args, cwd, timeout=300):
@@ -543,8 +545,8 @@ def test_demo_writes_the_figures(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_pngs(tmp_path / "figures", DEMO_FIGURES, min_bytes=10000, pages=DEMO_PAGES)
     assert "capturing digits ViT" in proc.stderr and "capturing MiniLM-L6" in proc.stderr
-    assert "wrote 12 figures to figures/" in proc.stderr
-    assert "wrote 3 interactive pages and figures/index.html" in proc.stderr
+    assert "wrote 14 figures to figures/" in proc.stderr
+    assert "wrote 5 interactive pages and figures/index.html" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 

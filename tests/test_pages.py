@@ -390,3 +390,41 @@ def test_large_head_view_4096_tokens(browser, tmp_path):
         opened.check_clean()
     finally:
         opened.close()
+
+
+def test_relevance_view_shows_each_method_and_output(browser, tmp_path, text_layers):
+    from visualizer import views
+
+    _, tokens = text_layers
+    rng = np.random.default_rng(1)
+    rows = {"relevance": rng.random((2, len(tokens))).astype(np.float32),
+            "rollout": rng.random((2, len(tokens))).astype(np.float32)}
+    path = views.relevance_view(rows, tokens, targets=["'sat'", "[SEP]"], positions=[4, 8],
+                                title="relevance").save(str(tmp_path / "relevance.html"))
+    opened = Opened(browser, path)
+    try:
+        np.testing.assert_array_equal(opened.values(), rows["relevance"][0])
+        # explaining the token at position 4: it is outlined and those after it are greyed
+        assert opened.page.get_attribute(".vz-tok >> nth=4", "class") == "vz-tok vz-current"
+        assert "vz-future" in opened.page.get_attribute(".vz-tok >> nth=5", "class")
+        opened.page.select_option(".vz-controls select >> nth=1", "1")
+        opened.page.select_option(".vz-controls select >> nth=0", "1")
+        assert opened.readout("data-method") == "rollout" and opened.readout("data-target") == "1"
+        np.testing.assert_array_equal(opened.values(), rows["rollout"][1])
+        assert opened.page.evaluate("window.__pwned") is None
+        opened.shot("relevance_view_tokens")
+        opened.check_clean()
+    finally:
+        opened.close()
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[16:48, 24:40] = 255
+    cls_row = np.concatenate([[0.0], rng.random(16)]).astype(np.float32)
+    path = views.relevance_view(cls_row, image=image).save(str(tmp_path / "relevance_image.html"))
+    opened = Opened(browser, path)
+    try:
+        np.testing.assert_array_equal(opened.values(), cls_row)
+        assert "patch (row" in opened.page.inner_text(".vz-readout")
+        opened.shot("relevance_view_image")
+        opened.check_clean()
+    finally:
+        opened.close()

@@ -232,11 +232,11 @@ class GetLocal:
         """
         return self._state.events
 
-    def configure(self, store="numpy", transform=None, keep_last=None, queries=None,
-                  heads=None, reduce=None, stream=None):
+    def configure(self, store=None, transform=None, keep_last=None, queries=None,
+                  heads=None, reduce=None, stream=None, grad=False):
         """Choose how captures are stored from now on; return the previous settings.
 
-        ``store``: ``'numpy'`` (default: torch tensors become detached CPU
+        ``store``: ``'numpy'`` (the default without ``grad``: torch tensors become detached CPU
         NumPy copies, float16/bfloat16 as float32), ``'tensor'`` (detached
         copies on their own device: no transfer, no synchronisation),
         ``'graph'`` (the tensors themselves, attached to the autograd graph) or
@@ -261,11 +261,17 @@ class GetLocal:
         happens (``get_local.cache`` then reads from it; configuring without
         ``stream`` closes it and brings the in-memory cache back); see
         ``capture``.  See the README's "Long contexts" section.
+        ``grad=True``: every captured tensor is kept itself (``store``
+        defaults to ``'graph'``) and receives its gradient when you run
+        ``backward()``, as ``.grad``; attention maps taken at the kernel seam
+        join the graph without changing the output or any other gradient.
+        See ``capture`` and ``visualizer.attribution``.
 
         >>> get_local.configure(transform=lambda attn: attn[:, :, 0], keep_last=12)
         {'store': 'numpy', 'transform': None, 'keep_last': None, 'queries': None, 'heads': None}
         """
-        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream)
+        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream,
+                                 grad)
         state = self._state
         with state.lock:
             previous = state.storage
@@ -285,8 +291,8 @@ class GetLocal:
         return previous.as_dict()
 
     @contextlib.contextmanager
-    def capture(self, store="numpy", transform=None, keep_last=None, queries=None,
-                heads=None, reduce=None, stream=None):
+    def capture(self, store=None, transform=None, keep_last=None, queries=None,
+                heads=None, reduce=None, stream=None, grad=False):
         """Capture into a fresh cache for the duration of a ``with`` block.
 
         Activates capture and applies the storage settings (as in
@@ -305,6 +311,22 @@ class GetLocal:
         while it is being written.  A folder that holds a stream is appended
         to.
 
+        ``grad=True`` keeps each captured tensor itself, and after
+        ``score.backward()`` its ``.grad`` is ``d score / d value``: for an
+        attention map, exactly what autograd gives the probabilities of an
+        eager attention (``P @ v``).  At the kernel seam the map is computed
+        beside the fused kernel as a leaf of the graph that the kernel's output
+        leads the loss to: the output, and every other gradient, are bit for
+        bit those of a run without capture.  On an eager path (a preset's,
+        or your own ``@get_local('attn')``) the tensor is the model's own,
+        kept with ``retain_grad()``.  ``queries=`` and ``heads=`` keep the
+        rows and heads of the map and of its gradient; ``transform=``,
+        ``reduce=``, ``stream=`` and copying stores cannot receive a
+        gradient and are refused.  With dropout in training, a seam map is
+        the probabilities before dropout and its gradient that of the map
+        after dropout (the kernel keeps its dropout mask).  The relevance
+        maps of ``visualizer.attribution`` take these maps.
+
         >>> with get_local.capture(transform=lambda attn: attn.mean(1)) as cache:
         ...     model(x)
         >>> cache['Attention.forward']
@@ -314,8 +336,14 @@ class GetLocal:
         ...     model(x)
         >>> with get_local.capture(stream='run.vz') as cache:   # on disk, RAM stays flat
         ...     for batch in loader: model(batch)
+        >>> with get_local.capture(grad=True) as cache:         # maps with their gradient
+        ...     logits = model(x)
+        >>> logits[0, logits[0].argmax()].backward()
+        >>> cache['Attention.forward'][-1].grad.shape
+        torch.Size([1, 6, 197, 197])
         """
-        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream)
+        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream,
+                                 grad)
         state = self._state
         scoped = _stream.open_writer(stream) if stream is not None else _store.Cache()
         with state.lock:

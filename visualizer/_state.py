@@ -521,6 +521,12 @@ class State:
         listeners either way; the probabilities are computed only if stored
         or read.  A call nothing takes is counted for the warning at the end
         of ``capture()``.
+
+        With ``grad=True`` storage the probabilities are a leaf of the autograd
+        graph (``call.leaf_probabilities``) and this returns ``(call, probs,
+        queries, heads)``: the extension joins them to the call's output so
+        that they receive their gradient (``integrations.kernel.join``).
+        Otherwise it returns None.
         """
         storage = self.storage
         target = frame = None
@@ -544,6 +550,8 @@ class State:
         if store and reduce is not None:  # computed in blocks of rows, never in full
             probs = call.reduced(reduce, selection[0], selection[1], graph, storage.running,
                                  source)
+        elif store and storage.grad:  # a leaf that the call's output will lead the loss to
+            probs = call.leaf_probabilities(selection[0], selection[1])
         else:
             probs = call.probabilities(selection[0], selection[1], graph) if store else None
         if listened:
@@ -562,6 +570,9 @@ class State:
             self.supply(frame, target, probs)
         else:
             self.store(target, source, (probs,))
+        if storage.grad:
+            return call, probs, selection[0], selection[1]
+        return None
 
     def supply(self, frame, target, probs):
         """Keep an attention call's probabilities for the running ``frame`` of ``target``."""

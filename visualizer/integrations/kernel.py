@@ -48,7 +48,8 @@ from .._state import Extension
 from ._common import Preset, head_count, warn_unsplit
 
 __all__ = ["Seam", "install", "uninstall", "adapter", "Call", "probabilities", "reduced",
-           "reduce_map", "calls_seen", "compiling", "PRESET"]
+           "reduce_map", "calls_seen", "compiling", "leaf_probabilities", "map_gradient", "join",
+           "PRESET"]
 
 NAME = "scaled_dot_product_attention"
 
@@ -96,6 +97,10 @@ class Call:
         """The attention probabilities of this call (see ``probabilities``)."""
         return probabilities(self, queries=queries, heads=heads, grad=grad)
 
+    def leaf_probabilities(self, queries=None, heads=None):
+        """The probabilities as a leaf that ``join`` gives its gradient (see there)."""
+        return leaf_probabilities(self, queries, heads)
+
     def reduced(self, reduce, queries=None, heads=None, grad=False, running=None, owner=None):
         """A reduction of this call's probabilities, never computed in full (see ``reduced``)."""
         return reduced(self, reduce, queries, heads, grad, running, owner)
@@ -122,43 +127,16 @@ def _probabilities(torch, call, queries, heads):
     q, k, mask = call.query, call.key, call.attn_mask
     length, keys = q.shape[-2], k.shape[-2]
     device = q.device
-    head_index = None
-    q_heads = q.shape[-3] if q.dim() >= 3 else 1
-    k_heads = k.shape[-3] if k.dim() >= 3 else 1
-    group = q_heads // k_heads if k_heads not in (1, q_heads) and q_heads % k_heads == 0 else 1
-    if heads is not None and q.dim() >= 3:
-        picked = attention.positions(heads, q_heads, "heads")
-        if picked != list(range(q_heads)):
-            head_index = torch.tensor(picked, dtype=torch.long, device=device)
-            q = q.index_select(-3, head_index)
-            if group > 1:  # query head h reads key head h // group
-                k = k.index_select(-3, torch.div(head_index, group, rounding_mode="floor"))
-                group = 1
-            elif k_heads == q_heads:
-                k = k.index_select(-3, head_index)
+    q, k, head_index, group, q_heads, k_heads = _pick_heads(torch, q, k, heads)
     rows = None  # the query positions kept, when not all
     if queries is not None:
-        picked = attention.positions(queries, length, "queries")
-        if picked != list(range(length)):
-            rows = picked
-            first = picked[0]
-            if picked == list(range(first, first + len(picked))):
-                q = q.narrow(-2, first, len(picked))  # a view: no index, no copy
-            else:
-                q = q.index_select(-2, torch.tensor(picked, dtype=torch.long, device=device))
+        q, rows = _pick_rows(torch, q, queries)
     dtype = q.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
     q = q.to(work) * scale  # on q: fewer numbers than the scores
     k = k.to(work)
-    if group > 1:
-        # grouped-query attention without repeating k: (..., kv, group, L, D) @ (..., kv, 1, D, S)
-        shape = q.shape
-        scores = torch.matmul(q.reshape(shape[:-3] + (k_heads, group) + shape[-2:]),
-                              k.unsqueeze(-3).transpose(-2, -1))
-        scores = scores.reshape(shape[:-3] + (q_heads, shape[-2], keys))
-    else:
-        scores = torch.matmul(q, k.transpose(-2, -1))
+    scores = _grouped_matmul(torch, q, k.transpose(-2, -1), group, k_heads)
     if call.is_causal:
         positions = torch.arange(length, device=device) if rows is None else torch.tensor(
             rows, device=device)
@@ -183,6 +161,56 @@ def _probabilities(torch, call, queries, heads):
     else:  # pragma: no cover - torch before 2.5: fully masked rows are zeros there too
         probs = torch.softmax(scores, -1).nan_to_num(0.0)
     return probs.to(dtype)
+
+
+def _pick_heads(torch, q, k, heads):
+    """``(q, k, head_index, group, q_heads, k_heads)``: the heads ``heads`` picks of a call.
+
+    ``k`` is the key or the value (``(..., k_heads, S, D)``).  ``group`` is the
+    number of query heads that read each key head (grouped-query attention),
+    1 once the keys have been picked head by head; ``head_index`` is None when
+    every head is kept.
+    """
+    q_heads = q.shape[-3] if q.dim() >= 3 else 1
+    k_heads = k.shape[-3] if k.dim() >= 3 else 1
+    group = q_heads // k_heads if k_heads not in (1, q_heads) and q_heads % k_heads == 0 else 1
+    head_index = None
+    if heads is not None and q.dim() >= 3:
+        picked = attention.positions(heads, q_heads, "heads")
+        if picked != list(range(q_heads)):
+            head_index = torch.tensor(picked, dtype=torch.long, device=q.device)
+            q = q.index_select(-3, head_index)
+            if group > 1:  # query head h reads key head h // group
+                k = k.index_select(-3, torch.div(head_index, group, rounding_mode="floor"))
+                group = 1
+            elif k_heads == q_heads:
+                k = k.index_select(-3, head_index)
+    return q, k, head_index, group, q_heads, k_heads
+
+
+def _pick_rows(torch, q, queries):
+    """``(q, rows)``: the query rows ``queries`` picks (``rows`` None when all are kept)."""
+    length = q.shape[-2]
+    picked = attention.positions(queries, length, "queries")
+    if picked == list(range(length)):
+        return q, None
+    first = picked[0]
+    if picked == list(range(first, first + len(picked))):
+        return q.narrow(-2, first, len(picked)), picked  # a view: no index, no copy
+    return q.index_select(-2, torch.tensor(picked, dtype=torch.long, device=q.device)), picked
+
+
+def _grouped_matmul(torch, a, b, group, k_heads):
+    """``a @ b`` per head when ``group`` query heads share each of ``k_heads`` heads of ``b``.
+
+    ``a`` is ``(..., q_heads, L, D)`` and ``b`` ``(..., k_heads, D, S)``;
+    ``b`` is never repeated: ``(..., kv, group, L, D) @ (..., kv, 1, D, S)``.
+    """
+    if group == 1:
+        return torch.matmul(a, b)
+    shape = a.shape
+    out = torch.matmul(a.reshape(shape[:-3] + (k_heads, group) + shape[-2:]), b.unsqueeze(-3))
+    return out.reshape(shape[:-3] + (k_heads * group, shape[-2], b.shape[-1]))
 
 
 # -- installing the seam --------------------------------------------------------------
@@ -336,7 +364,9 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
     if len(_states) and isinstance(out, _tensor_type()):  # not while torch.fx traces (Proxy)
         _thread.calls = getattr(_thread, "calls", 0) + 1
         try:
-            _seen(sys._getframe(1), Call(query, key, value, *args, **kwargs))
+            joins = _seen(sys._getframe(1), Call(query, key, value, *args, **kwargs))
+            if joins:
+                return join(out, joins)
         except Exception as exc:  # a capture must never break the model
             _report(exc)
     return out
@@ -375,9 +405,14 @@ def _report(exc):
 
 
 def _seen(frame, call):
+    """Deliver a call to every active state; return the maps that must join the graph."""
+    joins = None
     for state in list(_states):
         if state.active:
-            _deliver(state, frame, call)
+            joined = _deliver(state, frame, call)
+            if joined is not None:
+                joins = (joins or []) + [joined]
+    return joins
 
 
 def _info(code):
@@ -440,9 +475,106 @@ def locate(frame, call, state):
 
 def _deliver(state, frame, call):
     call, owner, key, qualname, source = locate(frame, call, state)
-    if call.query.dim() == 3:
-        call = _heads_apart(call, owner, frame, source, qualname)
-    state.capture_call(key, qualname, source, call, owner)
+    return state.capture_call(key, qualname, source, call, owner)
+
+
+# -- gradients of the maps (``capture(grad=True)``) -----------------------------------
+
+def leaf_probabilities(call, queries=None, heads=None):
+    """The probabilities of a call as a leaf of the autograd graph, to be ``join``-ed.
+
+    Computed from the call's tensors without autograd (so no gradient ever
+    reaches ``q`` or ``k`` through them) and marked ``requires_grad`` when
+    gradients are enabled: ``join`` then makes the loss reach them.
+    """
+    maps = probabilities(call, queries, heads, grad=False)
+    if sys.modules["torch"].is_grad_enabled() and maps.is_floating_point():
+        maps.requires_grad_(True)
+    return maps
+
+
+def map_gradient(call, grad_out, queries=None, heads=None):
+    """Return ``d loss / d probabilities`` of a kernel call from ``d loss / d output``.
+
+    The kernel's output is ``dropout(P) @ v``, so ``d loss / d P`` is
+    ``grad_out @ vᵀ`` (row by row and head by head; each query head reads its
+    key/value head under grouped-query attention), exactly what autograd
+    gives an eager ``P @ v``.  With dropout in training it is the gradient of
+    the map after dropout, whose mask the kernel keeps to itself.
+    ``queries`` and ``heads`` pick rows and heads as ``probabilities`` does.
+    ``grad_out`` may have the kernel's own shape when an adapter reshaped the
+    call (transformers' packed grouped-query heads): it is read in the
+    call's shape, ``(..., heads, queries, value dim)``.
+    """
+    return _map_gradient(sys.modules["torch"], grad_out, call.value, call.query.shape, queries,
+                         heads)
+
+
+def _map_gradient(torch, grad_out, v, shape, queries, heads):
+    grad = grad_out.reshape(shape[:-1] + grad_out.shape[-1:])
+    grad, v, _, group, _, v_heads = _pick_heads(torch, grad, v, heads)
+    if queries is not None:
+        grad, _ = _pick_rows(torch, grad, queries)
+    dtype = grad.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return _grouped_matmul(torch, grad.to(work), v.to(work).transpose(-2, -1), group,
+                           v_heads).to(dtype)
+
+
+def join(out, joins):
+    """Return ``out`` (bit for bit) with each joined map made a leaf the loss reaches.
+
+    ``joins`` holds ``(call, maps, queries, heads)`` from ``State.capture_call``.
+    The result is a copy of ``out`` made by ``_Join``: its backward passes the
+    gradient of the output on to the kernel untouched, so every other gradient
+    is what it would be without capture, and gives each map
+    ``map_gradient(call, grad)`` as its ``.grad``.  (A copy, not ``out``
+    itself: autograd forbids changing in place an input a custom function
+    returned as it is, and a model may change its attention output in place.)
+    """
+    global _dropout_said
+    torch = sys.modules["torch"]
+    maps = [entry for entry in joins if entry[1].requires_grad]
+    if not maps or not torch.is_grad_enabled():
+        return out
+    if not _dropout_said and any(call.dropout_p for call, _, _, _ in maps):
+        _dropout_said = True
+        warnings.warn(
+            "visualizer: capture(grad=True) of an attention kernel that runs dropout (the model "
+            "is in training mode): each map is the probabilities before dropout and its .grad "
+            "the gradient of the map after dropout, whose mask the kernel keeps to itself. For "
+            "relevance, call model.eval() first", CaptureWarning, stacklevel=3)
+    return _join_function().apply(out, tuple(maps), *[entry[1] for entry in maps])
+
+
+_dropout_said = False
+
+
+_Join = None
+
+
+def _join_function():
+    """The autograd function of ``join`` (made on first use: torch is imported by then)."""
+    global _Join
+    if _Join is None:
+        torch = sys.modules["torch"]
+
+        class _Join(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, out, joins, *maps):
+                # the shapes and selections only: the call's q, k and mask are not kept
+                ctx.joins = [(call.query.shape, queries, heads)
+                             for call, _, queries, heads in joins]
+                ctx.save_for_backward(*[call.value for call, _, _, _ in joins])
+                return out.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                grads = [_map_gradient(torch, grad, value, shape, queries, heads)
+                         for (shape, queries, heads), value in zip(ctx.joins, ctx.saved_tensors)]
+                return (grad, None) + tuple(grads)
+
+    return _Join
 
 
 def _heads_apart(call, owner, frame, source, qualname):

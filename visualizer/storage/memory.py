@@ -11,6 +11,14 @@ it is.  Other kinds of storage, chosen with ``get_local.configure`` or
   gradient-weighted attention rollout);
 * ``'none'``: nothing is stored; event handlers still see every capture.
 
+``grad=True`` keeps each captured tensor itself (``'graph'``) so that it
+receives its gradient when the caller runs ``backward()``: attention maps
+computed at the kernel seam are leaves that the kernel's output leads the
+loss to (``integrations.kernel.join``); tensors a function bound itself (an
+eager attention's ``attn``) are kept with ``retain_grad()``.  Query rows and
+heads picked from such a tensor (``queries=``, ``heads=``) get the rows and
+heads of its gradient, through a hook.
+
 A ``transform`` runs on the raw value before it is stored (head mean, CLS row,
 float16...), and ``keep_last=N`` keeps only the last N values of each key.
 
@@ -18,9 +26,10 @@ Torch is never imported here: tensors are recognised and converted by
 ``visualizer.attention`` (``is_tensor``, ``to_numpy``), as are the
 ``queries=``, ``heads=`` and ``reduce=`` of attention maps.
 """
+import warnings
 import weakref
 
-from .._errors import VisualizerTypeError, VisualizerValueError
+from .._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
 # The recorder (_state.make_record) reads plain_types and to_numpy from this module.
 from ..attention import (check_reduce, check_selection, is_tensor, plain_types,  # noqa: F401
                          reduce_map, select, to_numpy)
@@ -47,13 +56,20 @@ class Storage:
     """One storage configuration: kind, transform and bound (immutable)."""
 
     __slots__ = ("kind", "transform", "keep_last", "convert", "queries", "heads", "reduce",
-                 "stream", "running")
+                 "stream", "running", "grad", "warned")
 
     def __init__(self, kind="numpy", transform=None, keep_last=None, queries=None, heads=None,
-                 reduce=None, stream=None):
+                 reduce=None, stream=None, grad=False):
+        if not isinstance(grad, bool):
+            raise VisualizerTypeError("grad must be True or False, got {} {!r}".format(
+                type(grad).__name__, grad))
+        if kind is None:
+            kind = "graph" if grad else "numpy"
         if kind not in KINDS:
             raise VisualizerValueError(
                 "store must be one of {}, got {!r}".format(", ".join(map(repr, KINDS)), kind))
+        if grad:
+            check_grad(kind, transform, reduce, stream)
         if transform is not None and not callable(transform) and not isinstance(transform, dict):
             raise VisualizerTypeError(
                 "transform must be a callable taking the captured value, or a dict from "
@@ -79,13 +95,15 @@ class Storage:
             check_stream(stream, kind, keep_last)
         self.stream = stream
         self.convert = _CONVERTERS[kind]
+        self.grad = grad
+        self.warned = set()  # keys warned about: a tensor that can receive no gradient
 
     @property
     def is_default(self):
         """True for plain NumPy storage with no transform and no bound."""
         return (self.kind == "numpy" and self.transform is None and self.keep_last is None
                 and self.queries is None and self.heads is None and self.reduce is None
-                and self.stream is None)
+                and self.stream is None and not self.grad)
 
     def prepare(self, key, value, attention=False, source=None):
         """Return the value to store for ``key`` (select, transform, then convert).
@@ -95,6 +113,8 @@ class Storage:
         applied here (the kernel seam applies them while computing); ``source``
         is the module that computed it (the rollout's layer).
         """
+        if self.grad:
+            return self.with_gradient(key, value, attention)
         if attention and self.reduce is not None and getattr(value, "ndim", 0) >= 2:
             value = reduce_map(value, self.reduce, self.queries, self.heads, self.running,
                                source)
@@ -110,6 +130,35 @@ class Storage:
                 value = transform(value)
         return self.convert(value)
 
+    def with_gradient(self, key, value, attention=False):
+        """Return what ``grad=True`` keeps of ``value``: a tensor whose ``.grad`` will be filled.
+
+        A tensor the loss may depend on keeps its gradient (``retain_grad``;
+        a leaf keeps it anyway).  Rows and heads picked from an attention map
+        are a new leaf, given the picked part of the map's gradient by a
+        hook on the map.  A floating tensor that requires no gradient (the
+        forward ran under ``torch.no_grad()``, or nothing before it requires
+        grad) is kept as it is, and a warning says so once per key.
+        """
+        if not is_tensor(value):
+            return value
+        if not value.requires_grad:
+            if value.is_floating_point() and key not in self.warned:
+                self.warned.add(key)
+                warnings.warn(
+                    "get_local: {!r} was captured with grad=True, but it requires no gradient, "
+                    "so backward() will leave its .grad None: run the forward with gradients "
+                    "enabled (not under torch.no_grad() or torch.inference_mode()), with a "
+                    "parameter or the input requiring grad".format(key),
+                    CaptureWarning, stacklevel=5)
+            return value
+        if attention and (self.queries is not None or self.heads is not None) and \
+                getattr(value, "ndim", 0) >= 2:
+            return _picked_gradient(value, self.queries, self.heads)
+        if not value.is_leaf:
+            value.retain_grad()
+        return value
+
     def as_dict(self):
         """The settings as ``configure``'s keywords (``reduce``, ``stream`` only when set)."""
         settings = {"store": self.kind, "transform": self.transform,
@@ -118,13 +167,50 @@ class Storage:
             settings["reduce"] = self.reduce
         if self.stream is not None:
             settings["stream"] = self.stream
+        if self.grad:
+            settings["grad"] = True
         return settings
 
     def __repr__(self):
         return ("Storage(store={!r}, transform={!r}, keep_last={!r}, queries={!r}, "
-                "heads={!r}, reduce={!r}, stream={!r})").format(
+                "heads={!r}, reduce={!r}, stream={!r}, grad={!r})").format(
                     self.kind, self.transform, self.keep_last, self.queries, self.heads,
-                    self.reduce, self.stream)
+                    self.reduce, self.stream, self.grad)
+
+
+def _picked_gradient(value, queries, heads):
+    """A leaf holding rows and heads of ``value``, its ``.grad`` those of ``value``'s gradient."""
+    picked = select(value.detach(), queries, heads).requires_grad_(True)
+
+    def give(grad):
+        part = select(grad, queries, heads)
+        picked.grad = part if picked.grad is None else picked.grad + part
+
+    value.register_hook(give)
+    return picked
+
+
+def check_grad(kind, transform, reduce, stream):
+    """Check the options that ``grad=True`` cannot go with, naming the way out."""
+    if kind != "graph":
+        raise VisualizerValueError(
+            "grad=True keeps each captured tensor itself, so that it receives its gradient; "
+            "store={!r} keeps {}: leave store out (or use store='graph')".format(
+                kind, "nothing" if kind == "none" else "a detached copy, which never does"))
+    if transform is not None:
+        raise VisualizerValueError(
+            "grad=True cannot go with transform=: a transformed tensor is not what the "
+            "output was computed from, so backward() never reaches it. Capture the maps "
+            "and transform them (and their .grad) after backward()")
+    if reduce is not None:
+        raise VisualizerValueError(
+            "grad=True cannot go with reduce={!r}: a reduction is not what the output was "
+            "computed from, so it has no gradient. Capture the maps and reduce them after "
+            "backward() (visualizer.attribution)".format(reduce))
+    if stream is not None:
+        raise VisualizerValueError(
+            "grad=True cannot go with stream={!r}: files on disk cannot receive a gradient. "
+            "Capture into memory, run backward(), then save what you need".format(stream))
 
 
 def check_stream(stream, kind, keep_last):

@@ -7,6 +7,7 @@ Four views, each a function that returns a :class:`Page`::
     page = views.model_view(layers, tokens)      # layers x heads thumbnails + a head view
     page = views.image_view(layers, image)       # hover a patch: its attention on the image
     page = views.generation_view(layers, tokens, prompt_length)  # step through generation
+    page = views.relevance_view(rows, tokens)    # what an output rests on (attribution)
     page.save("attention.html")                  # opens offline in any browser
     page                                         # shown inline in a notebook
 
@@ -33,8 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .._errors import VisualizerTypeError, VisualizerValueError
 
-__all__ = ["Page", "head_view", "model_view", "image_view", "generation_view", "save",
-           "load", "views_from_cache", "write_index"]
+__all__ = ["Page", "head_view", "model_view", "image_view", "generation_view",
+           "relevance_view", "save", "load", "views_from_cache", "write_index"]
 
 
 class Page:
@@ -463,3 +464,7 @@ def write_index(folder: str, pages: Sequence[Any], figures: Sequence[str] = (),
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("".join(parts))
     return path
+
+
+# The relevance page (visualizer.attribution's results) lives beside its script.
+from .pages.relevance import relevance_view  # noqa: E402

@@ -47,7 +47,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .._errors import VisualizerTypeError, VisualizerValueError
-from ..attention import parse_grid, patch_grid, positive_pair, rollout, sample_maps, to_numpy
+from ..attention import (as_array, parse_grid, patch_grid, positive_pair, rollout, sample_maps,
+                         to_numpy)
 
 __all__ = [
     "plot_head",
@@ -1145,3 +1146,212 @@ def _generation_figures(stitched, steps, sample=0, limit=0, title=""):
                                  title="{}: last layer, what each generated position "
                                        "attended to".format(title))
     return per_layer, last
+
+
+# ===========================================================================
+# Relevance: what made the prediction (issue 22).
+# Appended as one section; draws the results of visualizer.attribution.
+# ===========================================================================
+
+__all__ += ["plot_relevance_on_image", "plot_relevance_maps", "plot_token_relevance"]
+
+
+def _relevance_weights(relevance, query, grid, num_prefix_tokens, sample, what):
+    """``(weights over the patches, query label, query (row, col) or None, grid, prefix)``.
+
+    ``relevance`` is a vector over the tokens (``(T,)``), a relevance matrix
+    ``(T, T)`` whose row ``query`` is drawn, or a batch of them ``(B, T, T)``.
+    """
+    arr = as_array(relevance, what)
+    if arr.ndim == 3:
+        if not -arr.shape[0] <= sample < arr.shape[0]:
+            raise VisualizerValueError(
+                "sample={} is out of range for {} of shape {}: pass sample between 0 and "
+                "{}".format(sample, what, arr.shape, arr.shape[0] - 1))
+        arr = arr[sample]
+    if arr.ndim not in (1, 2) or (arr.ndim == 2 and arr.shape[0] != arr.shape[1]):
+        raise VisualizerValueError(
+            "expected {} as a vector over the tokens (T,), a relevance matrix (T, T) or a "
+            "batch of them (B, T, T), got shape {}".format(what, tuple(arr.shape)))
+    if not np.all(np.isfinite(arr)):
+        raise VisualizerValueError("{} contains NaN or inf".format(what))
+    grid_rc, prefix = patch_grid(arr.shape[-1], grid, num_prefix_tokens)
+    if arr.ndim == 1:
+        return arr[prefix:], "the tokens", None, grid_rc, prefix
+    weights, label, rc = _query_row(arr, query, grid_rc, prefix)
+    return weights, label, rc, grid_rc, prefix
+
+
+def plot_relevance_on_image(
+    relevance: Any,
+    image: Any,
+    grid: Optional[GridLike] = None,
+    *,
+    query: Union[str, PatchLike, None] = "cls",
+    num_prefix_tokens: Optional[int] = None,
+    sample: int = 0,
+    upsample: str = "nearest",
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    colorbar: bool = True,
+    mark_color: str = "white",
+    title: Optional[str] = None,
+    ax: Any = None,
+    figsize: Tuple[float, float] = (5.5, 4.6),
+) -> Figure:
+    """Overlay the relevance of the image patches for one output on the image the model saw.
+
+    ``relevance`` is what :mod:`visualizer.attribution` returns: a relevance
+    matrix ``(T, T)`` or a batch ``(B, T, T)`` (``sample`` picks one), whose
+    row ``query`` is drawn (``'cls'``: a ViT's class decision, ``R[0, 1:]``;
+    or a patch index or ``(row, col)``), or a vector over the ``T`` tokens.
+    As in :func:`plot_query_on_image`, the prefix tokens are dropped and the
+    patches' share is coloured from 0 to its largest; the grid is inferred
+    unless given.  ``image`` is the model input (:func:`model_input_image`).
+
+    >>> import numpy as np
+    >>> r = np.eye(5) + np.full((5, 5), 0.1)      # CLS + 2x2 patches
+    >>> fig = plot_relevance_on_image(r, np.zeros((32, 32, 3)))
+    >>> fig.axes[0].get_title()
+    'relevance for CLS'
+    """
+    weights, label, rc, grid_rc, _ = _relevance_weights(
+        relevance, query, grid, num_prefix_tokens, sample, "relevance")
+    if float(weights.sum()) <= 0:
+        raise VisualizerValueError(
+            "no patch has any relevance for {} (all {} values are 0 or less): was the score "
+            "back-propagated before the maps were read, and does it depend on this "
+            "output?".format(label, weights.size))
+    img = _image_array(image)
+    _check_alignment(img, grid_rc)
+    fig, ax = _figure_and_axes(ax, figsize)
+    if title is None:
+        title = "relevance for {}".format(label)
+    _overlay(fig, ax, img, weights, grid_rc, rc, title, cmap, alpha, upsample, colorbar,
+             mark_color)
+    if colorbar and ax.images[-1].colorbar is not None:
+        ax.images[-1].colorbar.set_label("share over the patches")
+    return fig
+
+
+def plot_relevance_maps(
+    maps: Mapping[str, Any],
+    image: Any,
+    grid: Optional[GridLike] = None,
+    *,
+    query: Union[str, PatchLike, None] = "cls",
+    num_prefix_tokens: Optional[int] = None,
+    sample: int = 0,
+    upsample: str = "nearest",
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    title: Optional[str] = None,
+    show_image: bool = True,
+    panel_size: float = 3.2,
+) -> Figure:
+    """Draw several explanations of one output side by side, each over the image.
+
+    ``maps`` maps a name (``'relevance'``, ``'rollout'``, ``'raw attention'``)
+    to what :func:`plot_relevance_on_image` takes: a matrix ``(T, T)``, a
+    batch ``(B, T, T)`` or a vector over the tokens (the CLS row of a layer's
+    attention, say).  Each panel is coloured from 0 to its own largest share.
+    ``show_image`` puts the image alone first, to compare the overlays with.
+
+    >>> import numpy as np
+    >>> r = np.eye(5) + 0.1
+    >>> fig = plot_relevance_maps({"relevance": r, "rollout": r}, np.zeros((32, 32, 3)))
+    >>> [ax.get_title() for ax in fig.axes if ax.images]
+    ['the image', 'relevance', 'rollout']
+    """
+    if not isinstance(maps, Mapping) or not maps:
+        raise VisualizerTypeError(
+            "expected maps as a non-empty dict from a name to a relevance matrix or a vector "
+            "over the tokens, got {}".format(type(maps).__name__))
+    panels = len(maps) + bool(show_image)
+    fig = _new_figure((panel_size * panels + 0.4, panel_size + 0.7))
+    axes = list(fig.subplots(1, panels, squeeze=False)[0])
+    if show_image:
+        ax = axes.pop(0)
+        ax.imshow(_image_array(image), interpolation="nearest")
+        ax.set_title("the image")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax, (name, value) in zip(axes, maps.items()):
+        plot_relevance_on_image(value, image, grid, query=query,
+                                num_prefix_tokens=num_prefix_tokens, sample=sample,
+                                upsample=upsample, cmap=cmap, alpha=alpha, colorbar=False,
+                                title=str(name), ax=ax)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    if title is not None:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_token_relevance(
+    relevance: Any,
+    tokens: Sequence[Any],
+    labels: Optional[Sequence[str]] = None,
+    *,
+    cmap: str = "Reds",
+    title: Optional[str] = None,
+    ax: Any = None,
+    max_tokens: Optional[int] = 100,
+) -> Figure:
+    """Draw the relevance of each token as a strip of coloured cells under the tokens.
+
+    ``relevance`` is a vector over the ``T`` tokens, or ``(K, T)``: one strip
+    per explained output (``labels`` names them), e.g. ``R[0, 0]`` of
+    :func:`visualizer.attribution.relevance` for BERT's CLS, ``R[0, -1]`` for
+    a decoder's next token.  Each strip is coloured from 0 to its own
+    largest value; beyond ``max_tokens`` tokens only the first are drawn and
+    the title says so.
+
+    >>> import numpy as np
+    >>> fig = plot_token_relevance(np.array([0.1, 0.7, 0.2]), ["[CLS]", "hi", "[SEP]"])
+    >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    ['[CLS]', 'hi', '[SEP]']
+    """
+    arr = as_array(relevance, "relevance")
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.size == 0:
+        raise VisualizerValueError(
+            "expected relevance as a vector over the tokens (T,) or strips (K, T), got shape "
+            "{}: for a relevance matrix R pick a row, e.g. R[0, 0]".format(tuple(arr.shape)))
+    if isinstance(tokens, str):
+        raise VisualizerTypeError(
+            "expected tokens as a list of strings, got one string {!r}: pass "
+            "tokenizer.convert_ids_to_tokens(ids)".format(tokens[:40]))
+    tokens = [str(t) for t in tokens]
+    if len(tokens) != arr.shape[1]:
+        raise VisualizerValueError(
+            "got {} tokens for relevance over {} tokens: pass one token per position".format(
+                len(tokens), arr.shape[1]))
+    if labels is not None and len(labels) != arr.shape[0]:
+        raise VisualizerValueError(
+            "got {} labels for {} strips: pass one label per row of relevance".format(
+                len(labels), arr.shape[0]))
+    n = shown = arr.shape[1]
+    if max_tokens is not None and n > max_tokens:
+        shown = int(max_tokens)
+        arr, tokens = arr[:, :shown], tokens[:shown]
+    top = np.max(np.where(arr > 0, arr, 0), axis=1, keepdims=True)
+    scaled = np.where(top > 0, np.clip(arr, 0, None) / np.where(top > 0, top, 1), 0.0)
+    width = float(np.clip(0.28 * shown + 2.2, 4.0, 18.0))
+    fig, ax = _figure_and_axes(ax, (width, 1.3 + 0.45 * arr.shape[0]))
+    im = ax.imshow(scaled, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
+                   interpolation="nearest")
+    ax.set_xticks(np.arange(shown))
+    ax.set_xticklabels(tokens, rotation=90, fontsize=float(np.clip(500.0 / shown, 6, 10)))
+    ax.set_yticks(np.arange(arr.shape[0]))
+    ax.set_yticklabels([str(label) for label in labels] if labels is not None else
+                       [""] * arr.shape[0], fontsize=9)
+    ax.tick_params(length=0)
+    if title is None:
+        title = "relevance of each token"
+    if shown < n:
+        title += " (first {} of {} tokens shown)".format(shown, n)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.9, pad=0.01).set_label("/ strip's largest", fontsize=8)
+    return fig

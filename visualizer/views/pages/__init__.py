@@ -17,7 +17,7 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-VIEWS = ("head", "model", "image", "generation")
+VIEWS = ("head", "model", "image", "generation", "relevance")
 
 _JSON_ESCAPES = {
     "<": "\\u003c",
@@ -56,7 +56,7 @@ def script_json(data):
 
 
 def render(view, data, title):
-    """Return the whole HTML document of ``view`` ('head', 'model', 'image', 'generation')."""
+    """Return the whole HTML document of ``view`` (one of ``VIEWS``)."""
     if view not in VIEWS:
         raise ValueError("unknown view {!r}".format(view))
     uid = uuid.uuid4().hex[:12]

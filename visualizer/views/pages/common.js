@@ -20,6 +20,12 @@ var VZ = (function () {
     return "rgba(" + c[0] + "," + c[1] + "," + c[2] + "," + alpha + ")";
   }
 
+  /* Shade a token's span by t in [0, 1] (null: no shade), dark text on light colours. */
+  function shade(span, t) {
+    span.style.backgroundColor = t === null ? "" : rgba(t, 0.15 + 0.75 * t);
+    span.style.color = t !== null && t > 0.6 ? "#000" : "";
+  }
+
   function bytes(text) {
     var s = atob(text), out = new Uint8Array(s.length);
     for (var i = 0; i < s.length; i++) { out[i] = s.charCodeAt(i); }
@@ -170,8 +176,8 @@ var VZ = (function () {
     if (window.performance && performance.mark) { performance.mark("vz-ready"); }
   }
 
-  return {colour: colour, rgba: rgba, bytes: bytes, Maps: Maps, el: el, select: select,
-          layerOptions: layerOptions, headOptions: headOptions, fmt: fmt, maxOf: maxOf,
+  return {colour: colour, rgba: rgba, shade: shade, bytes: bytes, Maps: Maps, el: el,
+          select: select, layerOptions: layerOptions, headOptions: headOptions, fmt: fmt, maxOf: maxOf,
           top: top, valuesText: valuesText, setupCanvas: setupCanvas, colourbar: colourbar,
           views: views, start: start};
 })();

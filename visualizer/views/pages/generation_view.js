@@ -50,14 +50,7 @@
       spans.forEach(function (s, i) {
         s.classList.toggle("vz-current", i === t);
         s.classList.toggle("vz-future", i > t);
-        if (i < t && wmax > 0) {
-          var a = w[i] / wmax;
-          s.style.backgroundColor = VZ.rgba(a, 0.15 + 0.75 * a);
-          s.style.color = a > 0.6 ? "#000" : "";
-        } else {
-          s.style.backgroundColor = "";
-          s.style.color = "";
-        }
+        VZ.shade(s, i < t && wmax > 0 ? w[i] / wmax : null);
         s.title = i < t ? "weight " + VZ.fmt(w[i]) : "";
       });
       stepText.textContent = "step " + (state.step + 1) + " of " + steps;

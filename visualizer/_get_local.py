@@ -231,7 +231,7 @@ class GetLocal:
         return self._state.events
 
     def configure(self, store="numpy", transform=None, keep_last=None, queries=None,
-                  heads=None, reduce=None, stream=None):
+                  heads=None, reduce=None, stream=None, append=False):
         """Choose how captures are stored from now on; return the previous settings.
 
         ``store``: ``'numpy'`` (default: torch tensors become detached CPU
@@ -256,19 +256,22 @@ class GetLocal:
         the last layer's value is the model's rollout).  ``queries`` and
         ``heads`` apply first (for ``'rollout'``, ``queries`` picks rows of the
         result).  ``stream``: a folder to write every capture into as it
-        happens (``get_local.cache`` then reads from it; configuring without
-        ``stream`` closes it and brings the in-memory cache back); see
-        ``capture``.  See the README's "Long contexts" section.
+        happens (``get_local.cache`` then reads this run's values from it;
+        configuring without ``stream`` closes it and brings the in-memory
+        cache back); a folder that holds captures already is refused unless
+        ``append=True`` adds this run to it; see ``capture``.  See the
+        README's "Long contexts" section.
 
         >>> get_local.configure(transform=lambda attn: attn[:, :, 0], keep_last=12)
         {'store': 'numpy', 'transform': None, 'keep_last': None, 'queries': None, 'heads': None}
         """
-        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream)
+        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream,
+                                 append)
         state = self._state
         with state.lock:
             previous = state.storage
             if stream is not None:
-                streamed = _stream.open_writer(stream)
+                streamed = _stream.open_writer(stream, append)
                 if previous.stream is None:
                     self._in_memory = state.cache
             if previous.stream is not None and getattr(state.cache, "close", None):
@@ -284,7 +287,7 @@ class GetLocal:
 
     @contextlib.contextmanager
     def capture(self, store="numpy", transform=None, keep_last=None, queries=None,
-                heads=None, reduce=None, stream=None):
+                heads=None, reduce=None, stream=None, append=False):
         """Capture into a fresh cache for the duration of a ``with`` block.
 
         Activates capture and applies the storage settings (as in
@@ -300,8 +303,13 @@ class GetLocal:
         ``torch.distributed`` one index per rank) and keeps none in memory:
         the yielded cache reads them back lazily, each value a read-only
         memory map, and ``get_local.load('run.vz')`` reads the folder, even
-        while it is being written.  A folder that holds a stream is appended
-        to.
+        while it is being written.  Runs are never mixed unasked: a folder
+        that holds captures already is refused with a ``VisualizerError``
+        unless ``append=True``, which adds this block as a new run (numbered
+        0, 1, ... in the order written; the yielded cache holds this run's
+        values).  ``get_local.load('run.vz')`` reads every run, its
+        ``.runs`` lists them and ``get_local.load('run.vz', run=-1)`` reads
+        the latest alone.
 
         >>> with get_local.capture(transform=lambda attn: attn.mean(1)) as cache:
         ...     model(x)
@@ -312,10 +320,14 @@ class GetLocal:
         ...     model(x)
         >>> with get_local.capture(stream='run.vz') as cache:   # on disk, RAM stays flat
         ...     for batch in loader: model(batch)
+        >>> with get_local.capture(stream='run.vz', append=True):  # a second run, kept apart
+        ...     model(x)
+        >>> get_local.load('run.vz', run=-1)   # that run alone
         """
-        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream)
+        storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream,
+                                 append)
         state = self._state
-        scoped = _stream.open_writer(stream) if stream is not None else _store.Cache()
+        scoped = _stream.open_writer(stream, append) if stream is not None else _store.Cache()
         with state.lock:
             saved = (state.active, state.cache, state.storage, state.calls_missed)
             state.cache = scoped
@@ -395,21 +407,24 @@ class GetLocal:
 
         return storage.save(self._state.cache if cache is None else cache, path)
 
-    def load(self, path, rank=None):
+    def load(self, path, rank=None, run=None):
         """Load what ``save`` or a stream wrote and return its cache (a dict of lists).
 
         ``path`` is an ``.npz`` file, the manifest of a run under
         ``torch.distributed`` (every rank's captures merged: each list holds
         rank 0's calls, then rank 1's, ...; a rank that saved nothing is
         named in a warning) or a stream folder (values read lazily, as
-        read-only memory maps).  ``rank=r`` loads only process ``r``'s.
+        read-only memory maps).  ``rank=r`` loads only process ``r``'s;
+        ``run=k`` one run of a stream folder written with ``append=True``
+        (``run=-1``: the latest; ``cache.runs`` lists them).
 
         >>> cache = get_local.load('attention.npz')
         >>> first = get_local.load('attention.npz', rank=0)
+        >>> latest = get_local.load('run.vz', run=-1)
         """
         from . import storage
 
-        return storage.load(path, rank)
+        return storage.load(path, rank, run)
 
     def __repr__(self):
         state = "active" if self.active else "inactive"

@@ -47,10 +47,10 @@ class Storage:
     """One storage configuration: kind, transform and bound (immutable)."""
 
     __slots__ = ("kind", "transform", "keep_last", "convert", "queries", "heads", "reduce",
-                 "stream", "running")
+                 "stream", "append", "running")
 
     def __init__(self, kind="numpy", transform=None, keep_last=None, queries=None, heads=None,
-                 reduce=None, stream=None):
+                 reduce=None, stream=None, append=False):
         if kind not in KINDS:
             raise VisualizerValueError(
                 "store must be one of {}, got {!r}".format(", ".join(map(repr, KINDS)), kind))
@@ -77,7 +77,14 @@ class Storage:
         self.running = {} if reduce == "rollout" else None  # the rollout so far
         if stream is not None:
             check_stream(stream, kind, keep_last)
+        if not isinstance(append, bool):
+            raise VisualizerTypeError("append must be True or False, got {!r}".format(append))
+        if append and stream is None:
+            raise VisualizerValueError(
+                "append=True adds a run to a stream folder; pass the folder too: "
+                "stream='run.vz', append=True")
         self.stream = stream
+        self.append = append
         self.convert = _CONVERTERS[kind]
 
     @property
@@ -111,20 +118,22 @@ class Storage:
         return self.convert(value)
 
     def as_dict(self):
-        """The settings as ``configure``'s keywords (``reduce``, ``stream`` only when set)."""
+        """The settings as ``configure``'s keywords (``reduce``, ``stream``, ``append`` if set)."""
         settings = {"store": self.kind, "transform": self.transform,
                     "keep_last": self.keep_last, "queries": self.queries, "heads": self.heads}
         if self.reduce is not None:
             settings["reduce"] = self.reduce
         if self.stream is not None:
             settings["stream"] = self.stream
+        if self.append:
+            settings["append"] = True
         return settings
 
     def __repr__(self):
         return ("Storage(store={!r}, transform={!r}, keep_last={!r}, queries={!r}, "
-                "heads={!r}, reduce={!r}, stream={!r})").format(
+                "heads={!r}, reduce={!r}, stream={!r}, append={!r})").format(
                     self.kind, self.transform, self.keep_last, self.queries, self.heads,
-                    self.reduce, self.stream)
+                    self.reduce, self.stream, self.append)
 
 
 def check_stream(stream, kind, keep_last):

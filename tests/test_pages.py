@@ -160,6 +160,32 @@ def test_head_view_hover_shows_the_maps(browser, tmp_path, text_layers):
         opened.close()
 
 
+def test_head_view_readout_leaves_out_masked_keys_and_its_bar_says_what(browser, tmp_path):
+    from visualizer import views
+
+    n = 8
+    rng = np.random.default_rng(3)
+    scores = np.where(np.tril(np.ones((n, n), bool)), rng.normal(size=(1, 2, n, n)), -np.inf)
+    causal = softmax(scores)
+    path = views.head_view([causal], ["w{}".format(i) for i in range(n)]).save(
+        str(tmp_path / "causal.html"))
+    opened = Opened(browser, path)
+    try:
+        assert "hover a token" in opened.page.inner_text(".vz-cb-label")
+        hover_token(opened, 2)  # sees keys 0..2 only: the five future keys weigh exactly 0
+        assert sorted(map(int, opened.readout("data-top").split(","))) == [0, 1, 2]
+        assert "w5" not in opened.page.inner_text(".vz-readout")
+        assert opened.page.inner_text(".vz-cb-label") == (
+            "weight query 2 gives each key (0 to the largest in its row)")
+        hover_token(opened, 6, side="key")  # only queries 6 and 7 see key 6
+        assert sorted(map(int, opened.readout("data-top").split(","))) == [6, 7]
+        assert opened.page.inner_text(".vz-cb-label") == (
+            "weight each query gives key 6 (0 to the largest in its column)")
+        opened.check_clean()
+    finally:
+        opened.close()
+
+
 def test_hostile_tokens_run_nothing_and_show_as_text(browser, tmp_path, text_layers):
     from visualizer import views
 

@@ -111,10 +111,11 @@ var VZ = (function () {
     return m;
   }
 
-  /* Indices of the k largest values of a, largest first. */
+  /* Indices of the k largest values of a, largest first.  Weights of exactly 0 are left
+   * out: under a causal or padding mask they are keys the query could not see. */
   function top(a, k) {
     var idx = [];
-    for (var i = 0; i < a.length; i++) { idx.push(i); }
+    for (var i = 0; i < a.length; i++) { if (a[i] !== 0) { idx.push(i); } }
     idx.sort(function (x, y) { return a[y] - a[x]; });
     return idx.slice(0, k);
   }

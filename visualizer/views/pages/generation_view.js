@@ -25,7 +25,8 @@
     slider.addEventListener("input", function () { go(parseInt(slider.value, 10)); });
     controls.appendChild(prev); controls.appendChild(slider); controls.appendChild(next);
     controls.appendChild(stepText);
-    var bar = VZ.colourbar("attention weight (0 to the largest of this step)");
+    var bar = VZ.colourbar("weight the query gives each earlier token (0 to the largest " +
+                           "of this step)");
     controls.appendChild(bar.root);
     root.appendChild(controls);
     var readout = el("div", "vz-readout");

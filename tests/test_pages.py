@@ -160,6 +160,32 @@ def test_head_view_hover_shows_the_maps(browser, tmp_path, text_layers):
         opened.close()
 
 
+def test_head_view_readout_leaves_out_masked_keys_and_its_bar_says_what(browser, tmp_path):
+    from visualizer import views
+
+    n = 8
+    rng = np.random.default_rng(3)
+    scores = np.where(np.tril(np.ones((n, n), bool)), rng.normal(size=(1, 2, n, n)), -np.inf)
+    causal = softmax(scores)
+    path = views.head_view([causal], ["w{}".format(i) for i in range(n)]).save(
+        str(tmp_path / "causal.html"))
+    opened = Opened(browser, path)
+    try:
+        assert "hover a token" in opened.page.inner_text(".vz-cb-label")
+        hover_token(opened, 2)  # sees keys 0..2 only: the five future keys weigh exactly 0
+        assert sorted(map(int, opened.readout("data-top").split(","))) == [0, 1, 2]
+        assert "w5" not in opened.page.inner_text(".vz-readout")
+        assert opened.page.inner_text(".vz-cb-label") == (
+            "weight query 2 gives each key (0 to the largest in its row)")
+        hover_token(opened, 6, side="key")  # only queries 6 and 7 see key 6
+        assert sorted(map(int, opened.readout("data-top").split(","))) == [6, 7]
+        assert opened.page.inner_text(".vz-cb-label") == (
+            "weight each query gives key 6 (0 to the largest in its column)")
+        opened.check_clean()
+    finally:
+        opened.close()
+
+
 def test_hostile_tokens_run_nothing_and_show_as_text(browser, tmp_path, text_layers):
     from visualizer import views
 
@@ -169,14 +195,70 @@ def test_hostile_tokens_run_nothing_and_show_as_text(browser, tmp_path, text_lay
     opened = Opened(browser, path)
     try:
         assert opened.page.evaluate("window.__pwned") is None
-        shown = opened.page.eval_on_selector_all(".vz-tok", "s => s.map(x => x.textContent)")
+        # the tokens themselves, and as shown: U+2028 visibly, never as a line break
+        shown = opened.page.eval_on_selector_all(".vz-tok",
+                                                 "s => s.map(x => x.getAttribute('data-token'))")
         assert shown == tokens
+        drawn = opened.page.eval_on_selector_all(".vz-tok", "s => s.map(x => x.textContent)")
+        assert drawn == [t if t != "\u2028" else "\u27e8U+2028\u27e9" for t in tokens]
         assert opened.page.is_visible(".vz-tok >> nth=3") and opened.page.is_visible(".vz-tok >> nth=5")
         assert opened.page.inner_text(".vz-title") == HOSTILE[1]
         assert opened.page.evaluate("document.scripts.length") == 2  # the data and ours
         opened.check_clean()
     finally:
         opened.close()
+
+
+REAL_TEXT = ["[CLS]", "https://example.org/" + "a1/" * 6660, "\u05e9\u05dc\u05d5\u05dd",
+             "\u0633\u0644\u0627\u0645", "one\u2028two", "\u2029", "", "   ", "\t",
+             "\U0001F468\u200d\U0001F469\u200d\U0001F467", "\U0001F44D\U0001F3FD", "[SEP]"]
+
+
+def causal_layers(n, seed=5):
+    rng = np.random.default_rng(seed)
+    return [softmax(np.where(np.tril(np.ones((n, n), bool)), rng.normal(size=(1, 2, n, n)),
+                             -np.inf)) for _ in range(2)]
+
+
+def test_real_text_keeps_pages_bounded_visible_and_in_order(browser, tmp_path):
+    from visualizer import views
+
+    tokens, n = REAL_TEXT, len(REAL_TEXT)
+    assert len(tokens[1]) >= 19980
+    layers = causal_layers(n)
+    for view in ("head", "model", "generation"):
+        page = (views.generation_view(layers, tokens, prompt_length=4) if view == "generation"
+                else getattr(views, view + "_view")(layers, tokens))
+        opened = Opened(browser, page.save(str(tmp_path / "{}.html".format(view))))
+        try:
+            assert opened.page.evaluate("document.documentElement.scrollWidth") <= 1100
+            if view == "generation":
+                spans = opened.page.query_selector_all(".vz-tok")
+                assert [s.get_attribute("data-token") for s in spans] == tokens
+                shown = [s.text_content() for s in spans]
+                assert len(shown[1]) == 61 and shown[1].endswith("\u2026")  # 60 and an ellipsis
+                assert shown[4] == "one\u27e8U+2028\u27e9two" and shown[5] == "\u27e8U+2029\u27e9"
+                assert shown[6:9] == ["\u27e8empty\u27e9", "\u2423" * 3, "\\t"]
+                assert shown[9:11] == tokens[9:11]  # emoji sequences whole (joiners kept)
+                # Hebrew then Arabic: drawn left to right in token order, never swapped
+                boxes = [s.bounding_box() for s in spans[:5]]
+                assert all(a["x"] < b["x"] for a, b in zip(boxes, boxes[1:]) if a["y"] == b["y"])
+                assert boxes[2]["y"] == boxes[3]["y"]
+                for step in range(n - 4):
+                    opened.page.click("text=next")
+                assert opened.readout("data-step") == str(n - 5)
+            else:
+                hover_token(opened, 1)
+                assert opened.readout("data-token") == tokens[1]
+                assert tokens[1] in opened.page.inner_text(".vz-readout")  # the whole token
+                hover_token(opened, 1, side="key")
+            height = opened.page.evaluate(
+                "document.querySelector('.vz-readout').getBoundingClientRect().height")
+            assert height < 100, height  # a long token scrolls inside the readout
+            opened.shot("real_text_" + view)
+            opened.check_clean()
+        finally:
+            opened.close()
 
 
 def test_model_view_click_opens_the_head(browser, tmp_path, text_layers):

@@ -174,6 +174,17 @@ def test_readme_block(block, tmp_path):
     check_block(block, files, tmp_path)
 
 
+def test_the_stream_block_run_twice_refuses_to_mix_the_runs(tmp_path):
+    block = next(b for b in BLOCKS if "capture(stream='run.vz')" in b.source)
+    for name in sorted(imported_modules(block.source) - {"visualizer"}):
+        require(name)
+    check_block(block, files_before(block), tmp_path)
+    code, stdout, stderr = run_block(block, files_before(block), tmp_path)
+    assert code != 0 and not stdout
+    assert "stream='run.vz' holds 18 captures already" in stderr, stderr[-2000:]
+    assert "append=True" in stderr
+
+
 # -- the machinery itself ------------------------------------------------------------
 
 SAMPLE = '''

@@ -115,7 +115,7 @@ def test_a_second_capture_appends_and_configure_streams_until_turned_off(gl, tmp
     folder = tmp_path / "run.vz"
     with gl.capture(stream=folder):
         layer(1.0, 0)
-    with gl.capture(stream=folder):
+    with gl.capture(stream=folder, append=True):
         layer(2.0, 1)
     assert [int(v) for v in gl.load(folder)[S]] == [0, 1]
     gl.clear()
@@ -130,6 +130,56 @@ def test_a_second_capture_appends_and_configure_streams_until_turned_off(gl, tmp
     layer(4.0, 8)
     assert before[S] == [8]
     assert list(gl.load(tmp_path / "other.vz")[S]) == [7]
+
+
+def test_a_second_run_is_refused_unless_appended_and_load_tells_runs_apart(gl, tmp_path):
+    layer = watched_function(gl)
+    folder = tmp_path / "run.vz"
+    with gl.capture(stream=folder) as first:
+        layer(1.0, 0)
+        layer(1.0, 1)
+    assert first.runs == [0]
+    with pytest.raises(VisualizerError, match=r"holds 4 captures already \(1 run: keys .*"
+                                              r"append=True"):
+        with gl.capture(stream=folder):
+            layer(9.0, 9)
+    with pytest.raises(VisualizerError, match="holds 4 captures already"):
+        gl.configure(stream=folder)
+    assert [int(v) for v in gl.load(folder)[S]] == [0, 1]  # the refused runs wrote nothing
+    with gl.capture(stream=folder, append=True) as second:
+        layer(2.0, 2)
+    assert second.runs == [1] and list(second[S]) == [2]  # this run's values alone
+    before = gl.configure(stream=folder, append=True)
+    layer(3.0, 3)
+    assert gl.configure(**before)["append"] is True
+    every = gl.load(folder)
+    assert every.runs == [0, 1, 2] and [int(v) for v in every[S]] == [0, 1, 2, 3]
+    assert [every[S].run(i) for i in range(4)] == [0, 0, 1, 2]
+    assert [int(v) for v in gl.load(folder, run=0)[S]] == [0, 1]
+    latest = gl.load(folder, run=-1)
+    assert latest.runs == [2] and [int(v) for v in latest[S]] == [3]
+    with pytest.raises(VisualizerError, match=r"run=5.*holds runs 0, 1, 2"):
+        gl.load(folder, run=5)
+    with pytest.raises(VisualizerError, match="append=True adds a run"):
+        gl.configure(append=True)
+    gl.save(tmp_path / "c.npz", {S: [int(v) for v in every[S]]})
+    with pytest.raises(VisualizerError, match="holds one run. Load it without run="):
+        gl.load(tmp_path / "c.npz", run=0)
+
+
+def test_index_lines_without_a_run_are_run_0(gl, tmp_path):
+    layer = watched_function(gl)
+    folder = tmp_path / "old.vz"
+    with gl.capture(stream=folder):
+        layer(1.0, 0)
+    index = folder / "index.rank0.jsonl"
+    lines = [json.loads(line) for line in index.read_text().splitlines()]
+    index.write_text("".join(json.dumps({k: v for k, v in line.items() if k != "run"}) + "\n"
+                             for line in lines))
+    assert gl.load(folder).runs == [0]
+    with gl.capture(stream=folder, append=True) as appended:
+        layer(2.0, 1)
+    assert appended.runs == [1] and gl.load(folder).runs == [0, 1]
 
 
 def test_streaming_kernel_captures_of_a_model(gl, tmp_path):

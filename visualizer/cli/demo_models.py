@@ -3,8 +3,9 @@
 No pretrained ViT weights can be downloaded offline, and a random ViT's
 attention is an almost uniform map that shows nothing.  The 1,797 8x8
 handwritten digits that ship inside scikit-learn are enough to train a tiny
-ViT (2x2-pixel patches, so a 4x4 grid + CLS; 3 layers of 4 heads) to about
-90% test accuracy in 10 to 20 seconds on one CPU core; its attention then has
+ViT (2x2-pixel patches, so a 4x4 grid + CLS; 3 layers of 4 heads) to
+about 95% test accuracy in 10 to 40 seconds on one CPU core (11 s idle, 33 to
+40 s on a shared, busy one); its attention then has
 real structure (the CLS token looks at the strokes that tell digits apart).
 One-pixel patches (an 8x8 grid) learn too slowly for a demo.  Training runs
 on one thread: on a shared two-core machine, torch's second thread makes

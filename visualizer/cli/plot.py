@@ -15,7 +15,8 @@ _DESCRIPTION = """\
 Draw every attention-shaped capture in a file saved by 'visualizer run' or
 get_local.save: arrays shaped (batch, heads, N, N), (heads, N, N) or (N, N)
 get one figure per captured call with every head and their mean (the first
-sample of a batch, or --sample).  A key that holds the steps of generate()
+sample of a batch, or --sample); tokens and layer names saved with
+visualizer.views.save(path, cache, tokens=..., layers=...) label them.  A key that holds the steps of generate()
 (each layer's prompt step, then one row per new token) gets, per layer, the
 stitched matrix over prompt and generated positions, and one figure of what
 each generated token attended to.  Other arrays are skipped with a note; a
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace, say: Say) -> int:
     require("numpy", "plot")
     if args.limit < 0:
         raise error("--limit {}: pass a positive number, or 0 for all".format(args.limit))
-    cache = load(args.file, "plot", say)
+    cache, context = load(args.file, "plot", say, context=True)
     keys = [k for k in cache if not args.key or any(fnmatch.fnmatchcase(k, p) for p in args.key)]
     if not keys:
         raise error("{} has no key matching {}; its keys are: {}".format(
@@ -72,14 +73,21 @@ def run(args: argparse.Namespace, say: Say) -> int:
             say("  {}: skipped: {}".format(key, reasons[0]))
             continue
         chosen = plottable if args.limit == 0 else plottable[:args.limit]
+        # what views.save kept beside the captures: used when it fits this key
+        names = context.get("layers")
+        names = names if names and len(names) == len(values) else None
         for i in chosen:
             array = values[i]
             sample = ""
             if array.ndim == 4 and array.shape[0] > 1:
                 sample = ", sample {} of {}".format(args.sample, array.shape[0])
             heads = array.shape[-3] if array.ndim >= 3 else 1
-            title = "{}: call {} of {}{}".format(key, i + 1, len(values), sample)
-            fig = figures.plot_heads(array, sample=args.sample, mean=heads > 1, title=title)
+            tokens = context.get("tokens")
+            tokens = tokens if tokens and len(tokens) == array.shape[-1] else None
+            title = ("{} ({}, call {} of {}){}".format(names[i], key, i + 1, len(values), sample)
+                     if names else "{}: call {} of {}{}".format(key, i + 1, len(values), sample))
+            fig = figures.plot_heads(array, sample=args.sample, mean=heads > 1, title=title,
+                                     tokens=tokens)
             write_figure(fig, args.out, _file_name(key, i, len(values)), written)
         notes = []
         if len(chosen) < len(plottable):

@@ -43,15 +43,18 @@ def save(cache, path, context=None):
     return _ranks.save(cache, path, *ranks, context=context)
 
 
-def load(path, rank=None):
+def load(path, rank=None, run=None):
     """Return the captures in ``path``: ``{key: [value of each call, ...]}``.
 
     ``path`` is an ``.npz`` file, the manifest of a run's ranks (every rank
     merged, rank 0's calls first; a missing rank is named in a warning) or
     a stream folder (values read lazily, as read-only memory maps).
-    ``rank=r`` gives process ``r``'s captures alone.
+    ``rank=r`` gives process ``r``'s captures alone.  A stream folder
+    written by several runs (``stream=..., append=True``) lists them in
+    ``cache.runs``; ``run=k`` reads run ``k`` alone (``run=-1``: the latest).
 
     >>> storage.load('caps.npz', rank=1)['attn']   # doctest: +SKIP
+    >>> storage.load('run.vz', run=-1)['attn']     # doctest: +SKIP
     """
     check_path(path, "load")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
@@ -60,7 +63,12 @@ def load(path, rank=None):
             "{!r}".format(rank))
     kind, manifest = _format(path)
     if kind == "stream":
-        return _stream.open_stream(path, rank)
+        return _stream.open_stream(path, rank, run)
+    if run is not None:
+        raise VisualizerValueError(
+            "load({!r}, run={!r}): run= picks one run of a stream folder (written with "
+            "stream=..., append=True); a file saved by save() holds one run. Load it "
+            "without run=.".format(os.fspath(path), run))
     if kind == "ranks":
         return _ranks.load(path, manifest, rank)
     if rank is not None:

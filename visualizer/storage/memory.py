@@ -56,10 +56,10 @@ class Storage:
     """One storage configuration: kind, transform and bound (immutable)."""
 
     __slots__ = ("kind", "transform", "keep_last", "convert", "queries", "heads", "reduce",
-                 "stream", "running", "grad", "warned")
+                 "stream", "append", "running", "grad", "warned")
 
     def __init__(self, kind="numpy", transform=None, keep_last=None, queries=None, heads=None,
-                 reduce=None, stream=None, grad=False):
+                 reduce=None, stream=None, grad=False, append=False):
         if not isinstance(grad, bool):
             raise VisualizerTypeError("grad must be True or False, got {} {!r}".format(
                 type(grad).__name__, grad))
@@ -93,7 +93,14 @@ class Storage:
         self.running = {} if reduce == "rollout" else None  # the rollout so far
         if stream is not None:
             check_stream(stream, kind, keep_last)
+        if not isinstance(append, bool):
+            raise VisualizerTypeError("append must be True or False, got {!r}".format(append))
+        if append and stream is None:
+            raise VisualizerValueError(
+                "append=True adds a run to a stream folder; pass the folder too: "
+                "stream='run.vz', append=True")
         self.stream = stream
+        self.append = append
         self.convert = _CONVERTERS[kind]
         self.grad = grad
         self.warned = set()  # keys warned about: a tensor that can receive no gradient
@@ -160,7 +167,7 @@ class Storage:
         return value
 
     def as_dict(self):
-        """The settings as ``configure``'s keywords (``reduce``, ``stream`` only when set)."""
+        """The settings as ``configure``'s keywords (``reduce``, ``stream``, ``append`` if set)."""
         settings = {"store": self.kind, "transform": self.transform,
                     "keep_last": self.keep_last, "queries": self.queries, "heads": self.heads}
         if self.reduce is not None:
@@ -169,13 +176,15 @@ class Storage:
             settings["stream"] = self.stream
         if self.grad:
             settings["grad"] = True
+        if self.append:
+            settings["append"] = True
         return settings
 
     def __repr__(self):
         return ("Storage(store={!r}, transform={!r}, keep_last={!r}, queries={!r}, "
-                "heads={!r}, reduce={!r}, stream={!r}, grad={!r})").format(
+                "heads={!r}, reduce={!r}, stream={!r}, grad={!r}, append={!r})").format(
                     self.kind, self.transform, self.keep_last, self.queries, self.heads,
-                    self.reduce, self.stream, self.grad)
+                    self.reduce, self.stream, self.grad, self.append)
 
 
 def _picked_gradient(value, queries, heads):

@@ -5,7 +5,8 @@ each captured value as it is stored, so a long run's memory stays flat::
 
     run.vz/
       visualizer-stream.json    {"format": "visualizer-stream", "version": 1, "world_size": 1}
-      index.rank0.jsonl         one line per value: {"key", "file", "shape", "dtype", "scalar"}
+      index.rank0.jsonl         one line per value: {"key", "file", "shape", "dtype", "scalar",
+                                "run"}
       rank0-00000000.npy        the values, one plain NumPy file each
       rank0-00000001.npy
 
@@ -21,8 +22,16 @@ it reads the lines that end in a newline and ignores anything else.
 
 Under ``torch.distributed`` each rank writes its own index and files
 (``index.rank1.jsonl``, ``rank1-...``) in the same folder; ``open_stream``
-merges them in rank order, or reads one rank's.  Writing into a folder that
-holds a stream already appends to it.
+merges them in rank order, or reads one rank's.
+
+Runs are never mixed unasked: opening a writer on a folder whose index (this
+rank's) holds captures already is refused unless the caller passes
+``append=True``.  Each writer is one run, numbered from 0 in the order runs
+were written (the next number after the largest in this rank's index, so
+the ranks of one ``torchrun`` launch agree); every index line records its
+``"run"`` (lines written before runs were recorded count as run 0).
+``open_stream(folder, run=1)`` reads one run, ``run=-1`` the latest;
+``StreamCache.runs`` lists the runs a folder holds.
 
 A stream records no context (tokens, image: what ``visualizer.views.save``
 keeps in an ``.npz``): ``visualizer.storage.load_context`` of a stream
@@ -88,6 +97,10 @@ class CaptureList(collections.abc.Sequence):
         """The shape of value ``index``, from the index alone (no file is opened)."""
         return tuple(self.entries[index]["shape"])
 
+    def run(self, index):
+        """The run that wrote value ``index`` (0 for the first run into the folder)."""
+        return _run_of(self.entries[index])
+
     def append(self, value):
         """Write ``value`` to the stream (only for a stream being written)."""
         if self._writer is None:
@@ -116,10 +129,12 @@ class StreamCache(_store.Cache):
     stream folder returns; it reads like the in-memory cache.
     """
 
-    def __init__(self, folder, writer=None):
+    def __init__(self, folder, writer=None, runs=()):
         super().__init__()
         self.folder = folder
         self.writer = writer
+        #: The runs whose values this cache holds, in the order written (see ``open_stream``).
+        self.runs = list(runs)
 
     def add(self, key, value, source_ref=_store.NO_SOURCE):
         values = self.get(key)
@@ -154,9 +169,10 @@ class StreamCache(_store.Cache):
 class _Writer:
     """Writes one process's values into a stream folder."""
 
-    def __init__(self, folder, rank, world):
+    def __init__(self, folder, rank, world, run=0):
         self.folder = folder
         self.rank = rank
+        self.run = run
         self.lock = threading.Lock()
         prefix = "rank{}-".format(rank)
         pattern = re.compile(re.escape(prefix) + r"(\d+)\.npy$")
@@ -193,7 +209,7 @@ class _Writer:
 
             atomically(path, save)
             entry = {"key": key, "file": name, "shape": list(array.shape),
-                     "dtype": array.dtype.str, "scalar": scalar}
+                     "dtype": array.dtype.str, "scalar": scalar, "run": self.run}
             self.index.write(json.dumps(entry) + "\n")
             self.index.flush()
         return entry
@@ -205,8 +221,13 @@ class _Writer:
                 self.index = None
 
 
-def open_writer(folder):
-    """A ``StreamCache`` that writes into ``folder`` (made if missing, appended to if a stream)."""
+def open_writer(folder, append=False):
+    """A ``StreamCache`` that writes a new run into ``folder`` (made if missing).
+
+    The cache holds this run's values alone; ``open_stream`` reads them all.
+    A folder whose index holds captures is refused unless ``append`` is true:
+    a second run would otherwise be mixed into the first without a word.
+    """
     folder = os.fspath(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise VisualizerValueError(
@@ -215,8 +236,19 @@ def open_writer(folder):
         raise VisualizerValueError(
             "stream={!r}: that folder holds other files and no {}; stream into a new or "
             "empty folder".format(folder, MANIFEST))
-    os.makedirs(folder, exist_ok=True)
     rank, world = rank_and_world() or (0, 1)
+    written = _read_index(folder, rank)
+    runs = _runs_in(written)
+    if written and not append:
+        raise VisualizerValueError(
+            "stream={!r} holds {} captures already ({} run{}: keys {}); a new run would be "
+            "mixed into them. Stream into a new folder, delete this one, or pass "
+            "append=True to add a run (get_local.load({!r}, run=-1) then reads the new run "
+            "alone)".format(folder, sum(map(len, written.values())), len(runs),
+                            "" if len(runs) == 1 else "s",
+                            ", ".join(map(repr, sorted(written)[:4])) +
+                            (", ..." if len(written) > 4 else ""), folder))
+    os.makedirs(folder, exist_ok=True)
     manifest = {"format": FORMAT, "version": VERSION, "world_size": world}
 
     def write(tmp):
@@ -224,10 +256,17 @@ def open_writer(folder):
             json.dump(manifest, fh)
 
     atomically(os.path.join(folder, MANIFEST), write)
-    cache = StreamCache(folder, _Writer(folder, rank, world))
-    for key, entries in _read_index(folder, rank).items():
-        cache[key] = CaptureList(folder, entries, cache.writer, key)
-    return cache
+    run = runs[-1] + 1 if runs else 0
+    return StreamCache(folder, _Writer(folder, rank, world, run), [run])
+
+
+def _run_of(entry):
+    return entry.get("run", 0)
+
+
+def _runs_in(by_key):
+    """The sorted run numbers in ``{key: [entries]}``."""
+    return sorted({_run_of(entry) for entries in by_key.values() for entry in entries})
 
 
 def _read_index(folder, rank):
@@ -250,11 +289,13 @@ def _read_index(folder, rank):
     return out
 
 
-def open_stream(folder, rank=None):
+def open_stream(folder, rank=None, run=None):
     """Read a stream folder: every rank merged (rank 0's values first) or one ``rank``'s.
 
-    A snapshot of what was written when it is called: call it again to see
-    values written since.
+    Every run is read, in the order written, unless ``run`` picks one: its
+    number (``cache.runs`` lists them) or a negative index into them
+    (``run=-1``: the latest).  A snapshot of what was written when it is
+    called: call it again to see values written since.
     """
     folder = os.fspath(folder)
     try:
@@ -275,12 +316,34 @@ def open_stream(folder, rank=None):
                 "load({!r}, rank={}): no value of rank {} in this stream (ranks with values: "
                 "{})".format(folder, rank, rank, ", ".join(map(str, ranks)) or "none"))
         ranks = [rank]
-    cache = StreamCache(folder)
+    merged = {}
     for r in ranks:
         for key, entries in _read_index(folder, r).items():
-            values = cache.get(key)
-            if values is None:
-                cache[key] = CaptureList(folder, entries, key=key)
-            else:
-                values.entries.extend(entries)
+            merged.setdefault(key, []).extend(entries)
+    runs = _runs_in(merged)
+    if run is not None:
+        picked = _pick_run(folder, runs, run)
+        runs = [picked]
+        merged = {key: [e for e in entries if _run_of(e) == picked]
+                  for key, entries in merged.items()}
+        merged = {key: entries for key, entries in merged.items() if entries}
+    cache = StreamCache(folder, runs=runs)
+    for key, entries in merged.items():
+        cache[key] = CaptureList(folder, entries, key=key)
     return cache
+
+
+def _pick_run(folder, runs, run):
+    """The run number that ``run`` (a number, or a negative index into ``runs``) names."""
+    if isinstance(run, bool) or not isinstance(run, int):
+        raise VisualizerTypeError(
+            "run must be a run number (an int; -1 for the latest) or None for every run, got "
+            "{!r}".format(run))
+    picked = runs[run] if run < 0 and -len(runs) <= run else run
+    if picked not in runs:
+        raise VisualizerValueError(
+            "load({!r}, run={}): this stream holds run{} {}; pass one of them, a negative "
+            "index (-1: the latest), or run=None for all".format(
+                folder, run, "" if len(runs) == 1 else "s",
+                ", ".join(map(str, runs)) or "none"))
+    return picked

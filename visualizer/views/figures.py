@@ -307,6 +307,12 @@ def plot_heads(
         if tokens is not None and bottom:
             ax.set_xticks(np.arange(0, n_keys, step))
             ax.set_xticklabels(tokens[::step], fontsize=fontsize, rotation=90)
+        if tokens is None:  # positions, so a reader can still name a row or a column
+            if left:
+                ax.set_yticks(_position_ticks(n_queries))
+            if bottom:
+                ax.set_xticks(_position_ticks(n_keys))
+            ax.tick_params(labelsize=7)
         if left:
             ax.set_ylabel("query", fontsize=8)
         if bottom:
@@ -320,6 +326,17 @@ def plot_heads(
     if title is not None:
         fig.suptitle(title)
     return fig
+
+
+def _position_ticks(n):
+    """At most about six evenly spaced positions from 0 to ``n - 1``, the last included."""
+    import numpy as np
+
+    step = max(1, int(math.ceil((n - 1) / 5.0)))
+    ticks = list(range(0, n, step))
+    if ticks[-1] != n - 1 and n - 1 - ticks[-1] >= step / 2.0:
+        ticks.append(n - 1)
+    return np.array(ticks)
 
 
 # ---------------------------------------------------------------------------
@@ -576,7 +593,18 @@ def _query_row(attn2d, query, grid, prefix):
     return attn2d[prefix + r * grid[1] + c, prefix:], "patch ({}, {})".format(r, c), (r, c)
 
 
-def _overlay(fig, ax, img, weights, grid, query_rc, title, cmap, alpha, upsample, colorbar, mark_color):
+def _overlay(fig, ax, img, weights, grid, query_rc, title, cmap, alpha, upsample, colorbar, mark_color,
+             vmax=None):
+    """Draw the image and the weights over it in ``cmap``, each pixel as opaque as its weight.
+
+    The opacity rises with the weight (up to ``alpha``), so the image stays
+    visible where attention is low and the strongest patches show nearly the
+    colour bar's own colour; a uniform half-transparent layer tinted every
+    pixel and matched no colour of the bar.
+    """
+    import numpy as np
+    from matplotlib.cm import ScalarMappable
+
     total = float(weights.sum())
     if total <= 0:
         raise VisualizerValueError(
@@ -585,16 +613,17 @@ def _overlay(fig, ax, img, weights, grid, query_rc, title, cmap, alpha, upsample
         )
     patch_map = (weights / total).reshape(grid)
     heat = _upsample(patch_map, img.shape[0], img.shape[1], upsample)
+    top = float(patch_map.max()) if vmax is None else float(vmax)
     ax.imshow(img, interpolation="nearest")
-    im = ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0.0, vmax=float(patch_map.max()),
-                   interpolation="nearest")
+    im = ax.imshow(heat, cmap=cmap, alpha=alpha * np.clip(heat / (top or 1.0), 0.0, 1.0),
+                   vmin=0.0, vmax=top, interpolation="nearest")
     if query_rc is not None:
         x0, y0, w, h = _patch_box(query_rc[0], query_rc[1], grid, img.shape)
         ax.add_patch(Rectangle((x0, y0), w, h, fill=False, edgecolor=mark_color, linewidth=2.0))
     _patch_ticks(ax, grid, img.shape)
     ax.set_title(title)
     if colorbar:
-        cb = fig.colorbar(im, ax=ax, shrink=0.85)
+        cb = fig.colorbar(ScalarMappable(norm=im.norm, cmap=im.cmap), ax=ax, shrink=0.85)
         cb.set_label("share of attention over patches")
     return fig
 
@@ -609,13 +638,14 @@ def plot_query_on_image(
     head: Optional[int] = None,
     sample: int = 0,
     upsample: str = "nearest",
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = "inferno",
+    alpha: float = 0.85,
     colorbar: bool = True,
-    mark_color: str = "white",
+    mark_color: str = "cyan",
     title: Optional[str] = None,
     ax: Any = None,
     figsize: Tuple[float, float] = (5.5, 4.6),
+    vmax: Optional[float] = None,
 ) -> Figure:
     """Overlay one query's attention over the image patches on the image the model saw.
 
@@ -623,7 +653,9 @@ def plot_query_on_image(
     (row-major, counting patches only, not prefix tokens) or a ``(row, col)``
     pair; a patch query is outlined in ``mark_color``.  ``head=None`` uses the
     mean over heads.  The row is cut to the patch tokens and renormalised to
-    sum to 1 over the patches; colours run from 0 to the largest patch weight.
+    sum to 1 over the patches; colours run from 0 to the largest patch weight
+    (or ``vmax``: one scale for several figures), drawn in ``cmap`` over the
+    image, each pixel as opaque as its weight (up to ``alpha``).
     ``upsample='nearest'`` paints each patch's weight on its whole pixel box;
     ``'bilinear'`` smooths between patch centres.
 
@@ -653,7 +685,8 @@ def plot_query_on_image(
     fig, ax = _figure_and_axes(ax, figsize)
     if title is None:
         title = "attention of {} ({})".format(label, "mean of heads" if head is None else "head {}".format(head))
-    return _overlay(fig, ax, img, weights, (rows, cols), rc, title, cmap, alpha, upsample, colorbar, mark_color)
+    return _overlay(fig, ax, img, weights, (rows, cols), rc, title, cmap, alpha, upsample, colorbar, mark_color,
+                    vmax)
 
 
 def plot_highlighted_patches(
@@ -844,13 +877,14 @@ def plot_rollout_on_image(
     residual: bool = True,
     sample: int = 0,
     upsample: str = "nearest",
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = "inferno",
+    alpha: float = 0.85,
     colorbar: bool = True,
-    mark_color: str = "white",
+    mark_color: str = "cyan",
     title: Optional[str] = None,
     ax: Any = None,
     figsize: Tuple[float, float] = (5.5, 4.6),
+    vmax: Optional[float] = None,
 ) -> Figure:
     """Overlay the CLS row of the attention rollout over the patches on the image.
 
@@ -876,7 +910,8 @@ def plot_rollout_on_image(
     fig, ax = _figure_and_axes(ax, figsize)
     if title is None:
         title = "rollout of {} ({} fusion, {} layers)".format(label, head_fusion, len(attentions))
-    return _overlay(fig, ax, img, weights, grid_rc, rc, title, cmap, alpha, upsample, colorbar, mark_color)
+    return _overlay(fig, ax, img, weights, grid_rc, rc, title, cmap, alpha, upsample, colorbar, mark_color,
+                    vmax)
 
 
 def save_figure(fig: Figure, path: Union[str, "os.PathLike[str]"], dpi: int = 150, **kwargs: Any) -> str:

@@ -11,6 +11,7 @@ tokens for text, ``b x b`` squares of patches for images, prefix tokens (CLS,
 registers) kept apart.  The page says so in its header.
 """
 import base64
+import collections.abc
 import struct
 import zlib
 
@@ -40,15 +41,23 @@ def stack_layers(attentions, sample=0):
 
     ``attentions`` is one array (one layer), a list of per-layer arrays in
     forward order, or a mapping from layer name to an array or to a list of
-    captured values (the first is used), as ``get_local.by_module`` returns.
+    captured values, as ``get_local.by_module`` returns.  A list of several
+    values gives one layer per value, named ``'<name> call <i>'``: a cache
+    keyed by function (``{'BertSelfAttention.forward': [6 calls]}``) holds
+    one call per layer, and dropping all but the first would hide them.
     """
     if isinstance(attentions, dict) or hasattr(attentions, "keys"):
         labels, values = [], []
         for name, value in attentions.items():
-            if isinstance(value, (list, tuple)):
-                if not value:
-                    continue
-                value = value[0]
+            # a stream's CaptureList is a Sequence too: several calls, like a list
+            if isinstance(value, collections.abc.Sequence) and not isinstance(value, str):
+                calls = list(value)
+                if len(calls) == 1:
+                    labels.append(str(name))
+                else:
+                    labels.extend("{} call {}".format(name, i + 1) for i in range(len(calls)))
+                values.extend(calls)
+                continue
             labels.append(str(name))
             values.append(value)
         if not values:
@@ -68,10 +77,14 @@ def stack_layers(attentions, sample=0):
     shapes = {layer.shape for layer in layers}
     if len(shapes) != 1:
         raise VisualizerValueError(
-            "every layer must have the same (heads, N, N) shape to share a page, got {}".format(
+            "every layer must have the same (heads, N, N) shape to share a page, got {}{}".format(
                 ", ".join("{}: {}".format(label, tuple(layer.shape))
-                          for label, layer in zip(labels, layers))))
+                          for label, layer in zip(labels, layers)),
+                "; calls of one key on inputs of different lengths are different forward "
+                "passes: regroup them with get_local.by_module(model, cache) and pass one "
+                "pass's values" if any(" call " in label for label in labels) else ""))
     return labels, np.stack(layers)
+
 
 
 # ---------------------------------------------------------------------------

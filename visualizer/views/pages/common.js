@@ -83,6 +83,13 @@ var VZ = (function () {
     return e;
   }
 
+  /* A token as a <bdi> (its direction its own: right-to-left neighbours keep their order),
+   * shown visibly, cut to `count` characters when given (the whole token in a readout). */
+  function token(text, count, cls) {
+    var shown = visible(text);
+    return el("bdi", cls || "vz-token", count ? short(shown, count) : shown);
+  }
+
   /* A labelled <select>; options are [value, text] pairs. */
   function select(label, options, value, onchange) {
     var wrap = el("label", "vz-control");
@@ -109,6 +116,57 @@ var VZ = (function () {
     return out;
   }
 
+  /* Characters that draw nothing or move text (controls, zero-width spaces, bidi controls,
+   * line and paragraph separators) are shown as their code point, so a token never hides,
+   * splits a line or reorders its neighbours.  U+200C/U+200D (joiners) are left alone:
+   * emoji sequences and Persian or Indic words need them. */
+  var INVISIBLE = new RegExp("[\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u061c\\u180e" +
+    "\\u200b\\u200e\\u200f\\u2028-\\u202e\\u2060-\\u2064\\u2066-\\u206f\\ufeff" +
+    "\\ufff9-\\ufffb]", "g");
+  var ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", " ": "\u2423"};
+  var LONGEST = 400;  // characters kept before measuring: no label is drawn wider
+
+  function codePoint(c) {
+    return ESCAPES[c] || "\u27e8U+" + ("000" + c.charCodeAt(0).toString(16).toUpperCase()).slice(-4) +
+      "\u27e9";
+  }
+
+  /* A token as it is shown: invisible characters made visible, an empty token as a
+   * placeholder, a token of spaces alone as open boxes. */
+  function visible(token) {
+    token = String(token);
+    if (token === "") { return "\u27e8empty\u27e9"; }
+    if (!/\S/.test(token)) { return token.replace(/[\s\S]/g, codePoint); }
+    return token.replace(INVISIBLE, codePoint);
+  }
+
+  /* The first `count` characters of `text` and an ellipsis; a surrogate pair is never cut
+   * in two. */
+  function cutAt(text, count) {
+    var code = text.charCodeAt(count - 1);
+    if (count > 0 && code >= 0xd800 && code <= 0xdbff) { count -= 1; }
+    return text.slice(0, count) + "\u2026";
+  }
+
+  /* `text`, or its first `count` characters and an ellipsis if it is longer. */
+  function short(text, count) {
+    return text.length <= count ? text : cutAt(text, count);
+  }
+
+  /* `text` cut to fit `width` pixels in the context's font, with an ellipsis: a binary
+   * search over a bounded prefix, so a token of any length costs a dozen measurements
+   * (cutting one character at a time was quadratic in the token's length). */
+  function clip(ctx, text, width) {
+    if (text.length <= LONGEST && ctx.measureText(text).width <= width) { return text; }
+    text = text.slice(0, LONGEST);
+    var lo = 0, hi = text.length;
+    while (lo < hi) {
+      var mid = (lo + hi + 1) >> 1;
+      if (ctx.measureText(text.slice(0, mid) + "\u2026").width <= width) { lo = mid; } else { hi = mid - 1; }
+    }
+    return cutAt(text, lo);
+  }
+
   function fmt(v) { return v === 0 ? "0" : Number(v).toPrecision(3); }
 
   function maxOf(a) {
@@ -117,10 +175,11 @@ var VZ = (function () {
     return m;
   }
 
-  /* Indices of the k largest values of a, largest first. */
+  /* Indices of the k largest values of a, largest first.  Weights of exactly 0 are left
+   * out: under a causal or padding mask they are keys the query could not see. */
   function top(a, k) {
     var idx = [];
-    for (var i = 0; i < a.length; i++) { idx.push(i); }
+    for (var i = 0; i < a.length; i++) { if (a[i] !== 0) { idx.push(i); } }
     idx.sort(function (x, y) { return a[y] - a[x]; });
     return idx.slice(0, k);
   }
@@ -178,6 +237,7 @@ var VZ = (function () {
 
   return {colour: colour, rgba: rgba, shade: shade, bytes: bytes, Maps: Maps, el: el,
           select: select, layerOptions: layerOptions, headOptions: headOptions, fmt: fmt, maxOf: maxOf,
+          visible: visible, short: short, clip: clip, token: token,
           top: top, valuesText: valuesText, setupCanvas: setupCanvas, colourbar: colourbar,
           views: views, start: start};
 })();

@@ -25,7 +25,8 @@
     slider.addEventListener("input", function () { go(parseInt(slider.value, 10)); });
     controls.appendChild(prev); controls.appendChild(slider); controls.appendChild(next);
     controls.appendChild(stepText);
-    var bar = VZ.colourbar("attention weight (0 to the largest of this step)");
+    var bar = VZ.colourbar("weight the query gives each earlier token (0 to the largest " +
+                           "of this step)");
     controls.appendChild(bar.root);
     root.appendChild(controls);
     var readout = el("div", "vz-readout");
@@ -33,7 +34,8 @@
     root.appendChild(readout);
     var text = el("div", "vz-text");
     var spans = labels.map(function (label, i) {
-      var s = el("span", "vz-tok" + (i < p ? " vz-prompt" : ""), label);
+      var s = VZ.token(label, 60, "vz-tok" + (i < p ? " vz-prompt" : ""));
+      s.setAttribute("data-token", label);
       s.setAttribute("data-index", String(i));
       text.appendChild(s);
       return s;
@@ -57,12 +59,12 @@
       bar.set(wmax);
       readout.textContent = "";
       readout.appendChild(el("span", null, "generating "));
-      readout.appendChild(el("span", "vz-token", labels[t]));
+      readout.appendChild(VZ.token(labels[t]));
       readout.appendChild(el("span", null, " (position " + t + ") from the query at position " + q +
         "; most attention on: "));
       VZ.top(w.slice(0, t), 3).forEach(function (j, k) {
         if (k) { readout.appendChild(el("span", null, ", ")); }
-        readout.appendChild(el("span", "vz-token", labels[j]));
+        readout.appendChild(VZ.token(labels[j], 60));
         readout.appendChild(el("span", null, " " + VZ.fmt(w[j])));
       });
       readout.setAttribute("data-layer", String(state.layer));

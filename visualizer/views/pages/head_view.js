@@ -23,7 +23,7 @@
     });
     controls.appendChild(layerSel.root);
     controls.appendChild(headSel.root);
-    var bar = VZ.colourbar("attention weight (0 to the largest in the row)");
+    var bar = VZ.colourbar("attention weight: hover a token");
     controls.appendChild(bar.root);
     container.appendChild(controls);
 
@@ -35,10 +35,10 @@
     var h = rowHeight(n), fontPx = Math.min(13, h - 6), showText = h >= 10;
     var measure = document.createElement("canvas").getContext("2d");
     measure.font = fontPx + "px sans-serif";
-    var textW = 40;
+    var textW = 40, seen = labels.map(VZ.visible);
     if (showText) {
       for (var i = 0; i < n; i++) {
-        textW = Math.max(textW, Math.min(200, measure.measureText(labels[i]).width + 12));
+        textW = Math.max(textW, Math.min(200, measure.measureText(VZ.short(seen[i], 200)).width + 12));
       }
     }
     var gap = 160, top = 6, width = 2 * textW + gap, height = top * 2 + n * h;
@@ -53,14 +53,8 @@
     container.appendChild(wrap);
     var ctx = VZ.setupCanvas(canvas, width, height);
 
-    function clip(text) {
-      if (measure.measureText(text).width <= textW - 12) { return text; }
-      while (text.length > 1 && measure.measureText(text + "\u2026").width > textW - 12) {
-        text = text.slice(0, -1);
-      }
-      return text + "\u2026";
-    }
-    var shown = showText ? labels.map(clip) : null;
+    var shown = showText ? seen.map(function (text) { return VZ.clip(measure, text, textW - 12); })
+      : null;
 
     function y(i) { return top + i * h + h / 2; }
 
@@ -119,7 +113,9 @@
           if (state.side === "query") { line(state.index, j, 0.15 + 0.85 * t, 0.5 + 2.5 * t); }
           else { line(j, state.index, 0.15 + 0.85 * t, 0.5 + 2.5 * t); }
         }
-        bar.set(wmax);
+        bar.set(wmax, state.side === "query" ?
+          "weight query " + state.index + " gives each key (0 to the largest in its row)" :
+          "weight each query gives key " + state.index + " (0 to the largest in its column)");
         report(weights);
       } else if (n <= 64) {
         // nothing hovered: every line, its opacity the weight itself
@@ -138,14 +134,17 @@
       var verb = state.side === "query" ? " attends to" : " is attended by";
       readout.textContent = "";
       readout.appendChild(el("b", null, (state.side === "query" ? "query " : "key ") + state.index + " "));
-      readout.appendChild(el("span", "vz-token", who));
+      readout.appendChild(VZ.token(who));
       readout.appendChild(el("span", null, verb + " (" + data.layers[state.layer] + ", " +
                              (state.head < 0 ? "mean of heads" : "head " + state.head) + "): "));
-      VZ.top(weights, 5).forEach(function (j, k) {
+      var best = VZ.top(weights, 5);
+      if (!best.length) { readout.appendChild(el("span", null, "nothing (every weight is 0)")); }
+      best.forEach(function (j, k) {
         if (k) { readout.appendChild(el("span", null, ", ")); }
-        readout.appendChild(el("span", "vz-token", labels[j]));
+        readout.appendChild(VZ.token(labels[j], 60));
         readout.appendChild(el("span", null, " " + VZ.fmt(weights[j])));
       });
+      readout.setAttribute("data-top", best.join(","));
       readout.setAttribute("data-layer", String(state.layer));
       readout.setAttribute("data-head", String(state.head));
       readout.setAttribute("data-side", state.side);

@@ -34,7 +34,7 @@
       cls.addEventListener("click", function () { state.query = -1; state.pinned = true; draw(); });
       controls.appendChild(cls);
     }
-    var bar = VZ.colourbar("share of the query's attention over the patches");
+    var bar = VZ.colourbar("share of the query's attention over the patches (0 to the largest patch)");
     controls.appendChild(bar.root);
     root.appendChild(controls);
 

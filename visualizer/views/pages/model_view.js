@@ -17,7 +17,9 @@
     var thumbs = [];
     var panel;
     for (var l = 0; l < layers; l++) {
-      grid.appendChild(el("span", "vz-grid-layer", data.layers[l]));
+      var name = el("span", "vz-grid-layer", data.layers[l]);
+      name.title = data.layers[l];  // the whole name when CSS cuts a long one
+      grid.appendChild(name);
       for (h = 0; h < heads; h++) {
         var c = el("canvas", "vz-thumb");
         c.width = t; c.height = t;

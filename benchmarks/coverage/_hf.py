@@ -17,7 +17,9 @@ For one model type (a key of ``CONFIG_MAPPING_NAMES``) :func:`check`
    inputs (text only, then the non-text input only) when the model refuses them;
 4. runs the eager copy with ``output_attentions=True``: every tensor under an
    output field named like attentions (``attentions``, ``cross_attentions``,
-   ``vision_model_output.attentions``, ...) is a reference map; where every one
+   ``vision_model_output.attentions``, ...) is a reference map (one returned
+   with its heads merged into the batch axis is compared in the layout of
+   every other, ``(batch, heads, queries, keys)``: see :func:`in_layout`); where every one
    of them is all NaN (an eager path that is broken upstream: Nemotron ASR
    streaming turns its float mask into a boolean with ``logical_not()`` and so
    masks every score), the reference is instead the probabilities of the default
@@ -33,7 +35,7 @@ import numpy as np
 
 from ._compare import captured_maps, match_maps, one_line, outputs_equal, tensors_in
 
-__all__ = ["model_types", "tiny_config", "build", "make_inputs", "check", "versions"]
+__all__ = ["model_types", "tiny_config", "build", "make_inputs", "check", "in_layout", "versions"]
 
 BATCH = 2
 SEQ = 8
@@ -599,6 +601,10 @@ def check(model_type):
             notes.append("the eager reference is all NaN (its eager path computes no probabilities), so the "
                          "reference is softmax(q kᵀ·scale + mask) recomputed from the arguments of the default "
                          "model's {} scaled_dot_product_attention calls".format(len(recomputed)))
+    reference, merged = in_layout(reference)
+    if merged:
+        notes.append("the library returns {} of its maps with the heads merged into the batch axis "
+                     "({}): compared as (batch, heads, queries, keys)".format(merged[0], merged[1]))
     result["maps"] = len(reference)
     try:
         with get_local.capture() as cache:
@@ -615,6 +621,25 @@ def check(model_type):
         reasons = [r for r in (why, changed) if r] + notes
         return dict(result, status="missed", reason="; ".join(reasons + [_diagnosis(model)]))
     return dict(result, status="covered", reason="; ".join(notes))
+
+
+def in_layout(reference):
+    """``(maps, merged)``: the reference maps in the layout every map is delivered in, ``(batch, heads,
+    queries, keys)``, and ``(count, 'shapes')`` of those the library returned otherwise (else ``()``).
+
+    A 3-D map whose first axis is ``BATCH`` x ``h`` heads (``h`` > 1) is one the library returns with
+    its heads merged into the batch axis (SAM's vision encoder and the models built on it: GOT-OCR2,
+    PP-FormulaNet, SLANeXt): it is compared as ``(BATCH, h, N, M)``.
+    """
+    laid_out, shapes = [], []
+    for array in reference:
+        if array.ndim == 3 and array.shape[0] > BATCH and array.shape[0] % BATCH == 0:
+            shapes.append("({})".format(",".join(map(str, array.shape))))
+            array = array.reshape((BATCH, array.shape[0] // BATCH) + array.shape[1:])
+        laid_out.append(array)
+    if not shapes:
+        return laid_out, ()
+    return laid_out, (len(shapes), ", ".join(sorted(set(shapes))))
 
 
 def _recomputed(model, inputs):

@@ -497,6 +497,7 @@ def relevance_view(relevance: Any, tokens: Optional[Sequence[str]] = None, *,
     """
     import numpy as np
 
+    from ..attention import as_array, patch_grid
     from .pages import _data, render
 
     methods = relevance if isinstance(relevance, Mapping) else {"relevance": relevance}
@@ -504,7 +505,7 @@ def relevance_view(relevance: Any, tokens: Optional[Sequence[str]] = None, *,
         raise VisualizerValueError("relevance is an empty dict: give at least one method's rows")
     arrays = {}
     for name, value in methods.items():
-        arr = _data.to_numpy(value, "relevance {!r}".format(name)).astype(np.float32)
+        arr = as_array(value, "relevance {!r}".format(name)).astype(np.float32)
         if arr.ndim == 1:
             arr = arr[None]
         if arr.ndim != 2 or arr.size == 0:
@@ -537,7 +538,7 @@ def relevance_view(relevance: Any, tokens: Optional[Sequence[str]] = None, *,
                 "(0 to {}), got {!r}".format(k, n, positions))
         data["positions"] = positions
     if image is not None:
-        (rows, cols), prefix = _data.infer_grid(n, grid, num_prefix_tokens)
+        (rows, cols), prefix = patch_grid(n, grid, num_prefix_tokens)
         rgb = _data.image_uint8(image)
         data.update(image=_data.png_data_uri(rgb), image_size=[int(rgb.shape[0]),
                                                               int(rgb.shape[1])],

@@ -480,3 +480,17 @@ def test_encoder_decoder_relevance_of_bart_follows_the_papers_rules_on_eager_map
     assert_close(torch, result["decoder"][0], r_tt)
     assert_close(torch, result["cross"][0], r_ts)
     assert result["cross"].shape == (1, 4, 6)
+
+
+def test_a_frozen_model_is_explained_as_it_is(seam):
+    """No parameter requires grad: the kernel's output does, through its maps."""
+    torch = require("torch")
+    timm = require("timm")
+    model = tiny_vit(torch, timm).requires_grad_(False)
+    x = torch.randn(1, 3, 32, 32)
+    with seam.capture(grad=True) as cache:
+        out = model(x)
+    assert out.requires_grad and torch.equal(out.detach(), model(x))
+    out[0, 1].backward()
+    assert all(m.grad is not None for m in cache["Attention.forward"])
+    assert all(p.grad is None for p in model.parameters())

@@ -150,7 +150,7 @@ def encoder_decoder_relevance(encoder: Sequence[Any], decoder: Sequence[Any],
                 len(decoder), len(cross)))
     hat_ss = _accumulate(attention_times_gradient(encoder), "encoder_decoder_relevance")
     selfs = attention_times_gradient(decoder)
-    _accumulate(selfs, "encoder_decoder_relevance")  # checks the decoder's maps
+    _check_self_attention(selfs, "encoder_decoder_relevance")
     crosses = attention_times_gradient(cross)
     backend = _backend_of(selfs[0])
     t, s = crosses[0].shape[-2], crosses[0].shape[-1]
@@ -165,9 +165,10 @@ def encoder_decoder_relevance(encoder: Sequence[Any], decoder: Sequence[Any],
     for self_map, cross_map in zip(selfs, crosses):
         hat_tt = hat_tt + self_map + self_map @ hat_tt    # eq. 6
         r_ts = r_ts + self_map @ r_ts                     # eq. 7
+        # eq. 10 (rule 11 adds Ā R_st: R_st is 0, as the encoder never attends to the decoder)
         r_ts = r_ts + backend.transpose(_normalised(backend, hat_tt)) @ cross_map @ r_ss_bar
-    return {"encoder": hat_ss + backend.eye(s, hat_ss), "decoder": hat_tt + backend.eye(t, hat_tt),
-            "cross": r_ts}
+    return {"encoder": hat_ss + backend.eye(s, hat_ss),
+            "decoder": hat_tt + backend.eye(t, hat_tt), "cross": r_ts}
 
 
 # -- the pieces ------------------------------------------------------------------------
@@ -184,8 +185,16 @@ def _accumulate(layers, what):
     subtracting 1 from diagonals of ``1 + 1e-6`` in float32 where ``R̄``
     needs ``R - I`` (``encoder_decoder_relevance``).
     """
-    first = layers[0]
-    n = first.shape[-1]
+    _check_self_attention(layers, what)
+    hat = None
+    for layer in layers:
+        hat = layer if hat is None else hat + layer + layer @ hat
+    return hat
+
+
+def _check_self_attention(layers, what):
+    """Raise unless ``layers`` are self-attention of one forward pass: ``(B, T, T)``, one T."""
+    n = layers[0].shape[-1]
     for i, layer in enumerate(layers):
         if layer.shape[-2] != layer.shape[-1] or layer.shape[-1] != n:
             raise VisualizerValueError(
@@ -194,10 +203,6 @@ def _accumulate(layers, what):
                 "Cross-attention: use encoder_decoder_relevance; decoding with a KV cache: "
                 "explain one forward pass over the whole sequence".format(
                     what, i, layer.shape[-2], layer.shape[-1], n))
-    hat = None
-    for layer in layers:
-        hat = layer if hat is None else hat + layer + layer @ hat
-    return hat
 
 
 def _normalised(backend, hat):

@@ -36,8 +36,10 @@ The kernel seam is in place whenever capture is on; every family also keeps
 the kernel calls that no watched function takes, under the calling module's
 method.  Nothing is switched to an eager path, so a model keeps its output;
 the one exception is the MHA fast path, whose results can differ from the
-Python path's in the last bits.  Each family is a ``Preset`` defined by its
-library's module in ``visualizer.integrations``.
+Python path's in the last bits.  Every map a family delivers is ``(batch,
+heads, queries, keys)``, heads merged into the batch axis by the model's code
+split apart (see ``visualizer.integrations.heads_apart``).  Each family is a
+``Preset`` defined by its library's module in ``visualizer.integrations``.
 """
 import warnings
 import weakref

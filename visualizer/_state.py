@@ -740,7 +740,7 @@ class State:
         its values are attention maps; ``collect``: a predicate of loaded names
         (a softmax): report every result of such a call it stores while only
         presets watch it (``Target.collecting``); ``shape``: a preset's
-        ``shape(value, source)``, the layout its values are stored in
+        ``shape(value, source, frame)``, the layout its values are stored in
         (``State.shaped``).
 
         If the code cannot be rewritten (``_rewrite.UnreadableCode``) while

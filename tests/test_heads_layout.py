@@ -297,3 +297,25 @@ def test_the_seam_splits_a_call_with_merged_heads():
     [got] = cache[key]
     np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
     np.testing.assert_allclose(picked[key][0], want[:, 1:3].numpy(), atol=1e-6)
+
+
+def test_the_seam_keeps_a_call_it_cannot_split_and_says_so():
+    torch = require("torch")
+    F = torch.nn.functional
+
+    class Headless(torch.nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q)
+
+    q = torch.randn(6, 5, 8)
+    get_local = GetLocal()
+    get_local.watch_attention(["kernel"])
+    try:
+        with pytest.warns(CaptureWarning, match=r"Headless\.forward computes its attention as "
+                                                r"\(6, 5, 5\).*\(Headless heads: None\)"):
+            with get_local.capture() as cache:
+                Headless()(q)
+    finally:
+        get_local.unwatch_attention()
+    [maps] = cache.values()
+    assert maps[0].shape == (6, 5, 5)

@@ -94,8 +94,8 @@ class GetLocal:
         ``attention=True`` one whose values are attention maps, ``collect`` (a
         predicate of loaded names, such as ``integrations.is_softmax``) one that
         reports every result of such a call it stores (``_state.Target.collecting``),
-        ``shape`` (``shape(value, source)``) the layout a preset's values are
-        stored in (``_state.State.shaped``)."""
+        ``shape`` (``shape(value, source, frame)``) the layout a preset's values
+        are stored in (``_state.State.shaped``)."""
         if overrides is not None and not isinstance(overrides, dict):
             raise VisualizerTypeError(
                 "overrides must be a dict from attribute name to value, got {!r}".format(

@@ -283,7 +283,7 @@ def make_record_locals(target):
     def record_locals(frame_locals):
         try:
             missing = [n for n in target.names if n not in frame_locals]
-            frame = sys._getframe(1)  # the function's, returning
+            frame = _frame(target, state)
             supplied = state.take_supplied(frame) if state.supplying else None
             if supplied and not missing and target.attention and not target.explicit and \
                     frame_locals[target.names[0]] is None:
@@ -307,6 +307,18 @@ def make_record_locals(target):
             state.capture_failed(target, exc)
 
     return record_locals
+
+
+def _frame(target, state):
+    """The frame of the function whose recorder calls this, where it is needed, else None.
+
+    Needed to take the attention calls made inside it, and by a preset's
+    ``shape``; otherwise never looked up: TorchDynamo cannot trace
+    ``sys._getframe`` and warns where a recorder runs at a graph break.
+    """
+    if state.supplying or target.shape is not None:
+        return sys._getframe(2)
+    return None
 
 
 def _keys(qualname, names):
@@ -338,7 +350,7 @@ def make_record(state, target):
         def record(*args):  # (maps) or (source, maps): the softmax results it stored
             try:
                 source = args[0] if len(args) == 2 else None
-                frame = sys._getframe(1)  # the function's, returning
+                frame = _frame(target, state)
                 for probs in args[-1]:
                     state.capture(target, source, (probs,), frame)
                 if state.supplying:  # the attention calls made inside it
@@ -353,7 +365,7 @@ def make_record(state, target):
             def record(*args):  # (value) or (source, value)
                 try:
                     source = args[0] if len(args) == 2 else None
-                    frame = sys._getframe(1)  # the function's, returning
+                    frame = _frame(target, state)
                     if args[-1] is not None:
                         state.capture(target, source, args[-1:], frame)
                     elif state.supplying:  # None on a fused path: attention calls supply it
@@ -739,7 +751,7 @@ class State:
         its values are attention maps; ``collect``: a predicate of loaded names
         (a softmax): report every result of such a call it stores while only
         presets watch it (``Target.collecting``); ``shape``: a preset's
-        ``shape(value, source)``, the layout its values are stored in
+        ``shape(value, source, frame)``, the layout its values are stored in
         (``State.shaped``).
 
         If the code cannot be rewritten (``_rewrite.UnreadableCode``) while

@@ -38,8 +38,10 @@ by your code (or at once if it already is).  The families:
 The kernel seam is in place whenever capture is on; every family also keeps
 the kernel calls that no watched function takes, under the calling module's
 method.  Nothing is switched to an eager path, so a model keeps its output,
-bit for bit.  Each family is a ``Preset`` defined by its library's module in
-``visualizer.integrations``.
+bit for bit.  Every map a family delivers is ``(batch, heads, queries, keys)``,
+heads merged into the batch axis by the model's code split apart (see
+``visualizer.integrations.heads_apart``).  Each family is a ``Preset`` defined
+by its library's module in ``visualizer.integrations``.
 """
 import warnings
 import weakref

@@ -475,6 +475,8 @@ def locate(frame, call, state):
 
 def _deliver(state, frame, call):
     call, owner, key, qualname, source = locate(frame, call, state)
+    if call.query.dim() == 3:
+        call = _heads_apart(call, owner, source, qualname)
     return state.capture_call(key, qualname, source, call, owner)
 
 
@@ -577,7 +579,7 @@ def _join_function():
     return _Join
 
 
-def _heads_apart(call, owner, frame, source, qualname):
+def _heads_apart(call, owner, source, qualname):
     """A call made with heads merged into the batch axis, its heads split from the batch.
 
     timm's SAM ViT calls the kernel with ``(batch x heads, tokens, dim)``.

@@ -1,4 +1,4 @@
-"""Relevance from attention maps and their gradients: what made the prediction, not where layers looked.
+"""Relevance from attention maps and their gradients: what made a prediction, not where layers looked.
 
 Capture the maps of one forward pass with their gradients, back-propagate a
 score, and pass the maps, in layer order, to these functions::

@@ -206,7 +206,7 @@ def _check_self_attention(layers, what):
 
 
 def _normalised(backend, hat):
-    """``R̄`` from ``R̂ = R - I``: rows divided by their sums (a row summing to 0 stays 0), plus ``I``.
+    """``R̄`` from ``R̂ = R - I``: rows over their sums (a row summing to 0 stays 0), plus ``I``.
 
     (Chefer et al.'s code divides 0 by 0 there and zeroes every NaN of the update.)
     """

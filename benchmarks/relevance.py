@@ -54,8 +54,8 @@ def overhead(cfg, notes):
         summary[label] = {"grad_vs_plain": paired_ratio(times, GRAD, PLAIN),
                           "explain_vs_plain": paired_ratio(times, EXPLAIN, PLAIN),
                           "grad_vs_eager": paired_ratio(times, GRAD, EAGER)}
-    rows = [[label, "{:.3f}".format(s["grad_vs_plain"][0]), "{:.3f}".format(s["explain_vs_plain"][0]),
-             "{:.3f}".format(s["grad_vs_eager"][0])] for label, s in summary.items()]
+    rows = [[label] + ["{:.3f}".format(s[key][0]) for key in (
+        "grad_vs_plain", "explain_vs_plain", "grad_vs_eager")] for label, s in summary.items()]
     parts.append("Side by side (medians of per-round ratios):\n\n" + markdown(
         ["model", "grad=True x no capture", "+ relevance x no capture",
          "grad=True x eager with retain_grad"], rows))

@@ -1,4 +1,4 @@
-"""Relevance from attention maps and their gradients: what made the prediction, not where layers looked.
+"""Relevance from attention maps and their gradients: what made a prediction, not where it looked.
 
 Capture the maps of one forward pass with their gradients, back-propagate a
 score, and pass the maps, in layer order, to these functions::
@@ -206,7 +206,7 @@ def _check_self_attention(layers, what):
 
 
 def _normalised(backend, hat):
-    """``R̄`` from ``R̂ = R - I``: each row divided by its sum (a row summing to 0 stays 0), plus ``I``.
+    """``R̄`` from ``R̂ = R - I``: rows over their sums (a row summing to 0 stays 0), plus ``I``.
 
     (Chefer et al.'s code divides 0 by 0 there and zeroes every NaN of the update.)
     """

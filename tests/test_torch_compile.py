@@ -252,7 +252,11 @@ def test_a_name_that_may_be_unbound(gl, fresh_dynamo):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled(x, False)
-    assert [w.category for w in caught] == [CaptureWarning]
+    # One CaptureWarning says the name was unbound.  Torch itself may add a UserWarning
+    # here when earlier tests of the full suite ran (seen once in CI, not in isolation):
+    # that one is torch's business, not this test's.
+    ours = [w.category for w in caught if w.category is not UserWarning]
+    assert ours == [CaptureWarning], [(w.category, str(w.message), w.filename) for w in caught]
     maps = gl.cache[Gate.forward.__qualname__]
     assert len(maps) == 1
     np.testing.assert_allclose(maps[0], x.sigmoid().numpy(), rtol=1e-6)

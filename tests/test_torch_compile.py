@@ -115,23 +115,185 @@ def test_fullgraph_timm_vit_matches_attention_extract(gl, fresh_dynamo):
     gl.unwatch("timm.layers.attention.Attention.forward")
 
 
-def test_the_kernel_seam_in_a_compiled_graph_says_it_captures_nothing(gl, fresh_dynamo):
+def compiled_twice(gl, torch, model, inputs, **options):
+    """``(plain, out, cache)``: the compiled model's output without capture and with it."""
+    compiled = torch.compile(model, **options)
+    with torch.no_grad():
+        plain = compiled(**inputs)
+        with gl.capture() as cache:
+            out = compiled(**inputs)
+    return plain, out, cache
+
+
+def timm_with_attn_drop_hooks(torch, model, x):
+    """timm's own probabilities, fused attention off by hand: ``{module name: map}``."""
+    from timm.utils import AttentionExtract
+
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    with torch.no_grad():
+        reference = AttentionExtract(model, method="hook")(x)
+    return {k[: -len(".attn_drop")]: v.numpy() for k, v in reference.items()}
+
+
+@pytest.mark.parametrize("name, fullgraph, backend", [
+    ("vit_tiny_patch16_224", True, "inductor"),
+    ("vit_tiny_patch16_224", False, "aot_eager"),
+    ("swin_tiny_patch4_window7_224", True, "aot_eager"),
+    ("swin_tiny_patch4_window7_224", False, "inductor"),
+])
+def test_the_kernel_seam_captures_inside_compiled_timm_models(seam, fresh_dynamo, name, fullgraph,
+                                                               backend, no_warnings):
+    """Compiled timm models on their fused path: timm's probabilities, the output untouched."""
     torch = fresh_dynamo
     timm = require("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    for m in model.modules():  # Swin's fused path is off by default ("experimental")
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    x = torch.randn(2, 3, 224, 224)
+    plain, out, cache = compiled_twice(seam, torch, model, {"x": x}, fullgraph=fullgraph,
+                                       backend=backend)
+    assert torch.equal(out, plain)  # the same compiled model without capture
+    captured = seam.by_module(model, cache)
+    reference = timm_with_attn_drop_hooks(torch, model, x)
+    assert sorted(captured) == sorted(reference) and len(reference) in (12, 24)
+    for module_name, maps in captured.items():
+        assert len(maps) == 1
+        np.testing.assert_allclose(maps[0], reference[module_name], rtol=1e-4, atol=1e-5)
+    eager_keys = {"vit": "Attention.forward", "swin": "WindowAttention.forward"}
+    assert list(cache) == [eager_keys[name.split("_")[0]]]  # the keys of the eager model
 
+
+def test_what_recompiles_when_capture_starts_and_stops(seam, fresh_dynamo, compiles):
+    """Each start and stop compiles the model's frame again, once; nothing else recompiles.
+
+    The presets rewrite the attention classes' code when capture starts and
+    restore it when it stops; dynamo does not guard on ``__code__``, so the
+    frames that inlined it are dropped (``compile.recompile``) and compiled on
+    their next call, with the seam or without it.
+    """
+    torch = fresh_dynamo
+    model = require("timm").create_model("vit_tiny_patch16_224", pretrained=False,
+                                         depth=2).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        plain = compiled(x)
+        assert compiles == ["forward"]
+        for start in range(2):
+            with seam.capture() as cache:
+                assert torch.equal(compiled(x), plain)
+                assert torch.equal(compiled(x), plain)
+            assert len(compiles) == 2 + 2 * start and len(cache["Attention.forward"]) == 4
+            assert torch.equal(compiled(x), plain)
+            assert len(compiles) == 3 + 2 * start
+
+
+def transformers_families(transformers, torch):
+    """``{family: (model, inputs)}``: tiny random models (BERT's real weights), padded batches."""
+    from test_presets import decoder_families, load_minilm, tiny
+
+    tokenizer, bert = load_minilm(transformers)
+    ids = torch.randint(3, 99, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    torch.manual_seed(0)
+    families = {
+        "bert": (bert, dict(tokenizer(["A short sentence.", "A second sentence that is a good "
+                                       "deal longer."], padding=True, return_tensors="pt"))),
+        "llama": (decoder_families(transformers)["llama (grouped-query)"](),
+                  {"input_ids": ids, "attention_mask": mask}),
+        "gpt2": (decoder_families(transformers)["gpt2"](),
+                 {"input_ids": ids, "attention_mask": mask}),
+        "t5": (transformers.T5Model(transformers.T5Config(
+            vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval(),
+               {"input_ids": ids, "decoder_input_ids": ids[:, :5]}),
+        "vit": (tiny(transformers, "ViTConfig", image_size=32, patch_size=8, num_channels=3),
+                {"pixel_values": torch.randn(2, 3, 32, 32)}),
+    }
+    return families
+
+
+def eager_reference(model, inputs):
+    """Every map ``output_attentions=True`` gives under eager attention, in one list."""
+    model.set_attn_implementation("eager")
+    try:
+        out = model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    maps = []
+    for name in ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions"):
+        maps += list(getattr(out, name, None) or ())
+    return maps
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "t5", "vit"])
+def test_transformers_sdpa_compiled_matches_output_attentions(seam, fresh_dynamo, family):
+    torch = fresh_dynamo
+    transformers = require("transformers")
+    from test_presets import every_reference_map_is_captured
+
+    model, inputs = transformers_families(transformers, torch)[family]
+    model.set_attn_implementation("sdpa")
+    plain, out, cache = compiled_twice(seam, torch, model, inputs, fullgraph=True,
+                                       backend="aot_eager")
+    for got, want in zip(plain.to_tuple(), out.to_tuple()):
+        if isinstance(got, torch.Tensor):
+            assert torch.equal(got, want)
+    with torch.no_grad():
+        reference = eager_reference(model, inputs)
+    captured = [m for maps in seam.by_module(model, cache).values() for m in maps]
+    if "attention_mask" in inputs and family != "bert":  # rows of left padding: compare real rows
+        for m in captured + reference:
+            m[1, :, :3] = 0
+    every_reference_map_is_captured(np, reference, captured)
+
+
+def test_generate_with_a_static_cache_and_a_compiled_forward(seam, fresh_dynamo):
+    """transformers' fast recipe: the stitched steps equal one eager forward."""
+    torch = fresh_dynamo
+    transformers = require("transformers")
+    from test_presets import decoder_families
+    from visualizer.generation import steps_by_module, stitch
+
+    model = decoder_families(transformers)["llama (grouped-query)"]()
+    model = transformers.LlamaForCausalLM(model.config).eval()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(3, 99, (1, 6))
+    # fullgraph=False: transformers' output-capturing wrapper enters a lock dynamo cannot trace
+    model.forward = torch.compile(model.forward, backend="aot_eager")
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=4, do_sample=False,
+                               cache_implementation="static")
+        with seam.capture() as cache:
+            out = model.generate(ids, max_new_tokens=4, do_sample=False,
+                                 cache_implementation="static")
+    assert torch.equal(out, plain)
+    steps = steps_by_module(model, cache)
+    assert len(steps) == 2 and all(len(s) == 4 for s in steps.values())
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = model(out[:, :-1], output_attentions=True, use_cache=False).attentions
+    for layer_steps, want in zip(steps.values(), reference):
+        np.testing.assert_allclose(stitch(layer_steps), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_capture_with_grad_in_a_compiled_graph_says_the_maps_get_no_gradient(gl, fresh_dynamo):
+    torch = fresh_dynamo
+    timm = require("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1).eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(1, 3, 224, 224)
     gl.deactivate()
     gl.watch_attention()
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
-    x = torch.randn(1, 3, 224, 224)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        plain = model(x)
-        with pytest.warns(CaptureWarning, match="inside compiled graphs the kernel seam "
-                                                "captures nothing"):
-            with gl.capture() as cache:
-                out = compiled(x)
-    assert torch.equal(out, plain)  # no graph break, no error, the model's own kernel
-    assert not cache.get("Attention.forward")
+    with pytest.warns(CaptureWarning, match="inside a compiled graph: the maps are captured "
+                                            "but receive no gradient"):
+        with gl.capture(grad=True) as cache:
+            compiled(x).sum().backward()
+    assert len(cache["Attention.forward"]) == 1
     gl.unwatch_attention()
 
 

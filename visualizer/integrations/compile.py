@@ -70,6 +70,7 @@ def watch_compiles():
     global _watching, _compiled_unseen
     if _watching is not None:
         return
+    _prepare_traced_call()
     try:
         from torch._dynamo import convert_frame
     except ImportError:  # pragma: no cover - every torch with dynamo has it
@@ -96,7 +97,7 @@ def _compiled(code, new_code):
         target = _CODES.get(id(traced_code))
         if target is not None and target.runs(traced_code):
             _COMPILED_IN.setdefault(target, weakref.WeakSet()).add(code)
-        elif traced_code is _SEAM_CODE:
+        elif traced_code is _SEAM_CODE and _call_op is None:
             _compiled_through_seam(code)
     return None
 
@@ -204,7 +205,11 @@ class _Support:
         def record(values: List[Tensor], slot: int, source: int) -> None:
             deliver(slot, source, values)
 
+        def attention_call(tensors: List[Tensor], site: int) -> None:
+            deliver_call(site, tensors)
+
         self.op = _register(torch, record)
+        self.call_op = _register(torch, attention_call, "attention_call")
         self.torch = torch
         self.comptime = comptime
 
@@ -296,24 +301,24 @@ def _note_source(ctx):
         pass
 
 
-def _register(torch, record):
-    """Register ``record`` as an ordered, effectful custom operator and return it."""
+def _register(torch, function, name="record"):
+    """Register ``function`` as an ordered, effectful custom operator ``visualizer::name``."""
     try:
         from torch._library.effects import EffectType
     except ImportError:  # pragma: no cover - torch releases before torch._library.effects
         from torch._higher_order_ops.effects import _EffectType as EffectType
 
     for n in itertools.count():
-        name = "visualizer::record" if n == 0 else "visualizer::record_{}".format(n)
+        qualified = "visualizer::" + name if n == 0 else "visualizer::{}_{}".format(name, n)
         try:
-            op = torch.library.custom_op(name, mutates_args=())(record)
+            op = torch.library.custom_op(qualified, mutates_args=())(function)
             break
         except RuntimeError:  # registered by another copy of this module
             if n > 20:
                 raise
 
     @op.register_fake
-    def _(values, slot, source):
+    def _(*args):
         return None
 
     # Kept, and kept in order, by every compiler; before CustomOpDef.register_effect,
@@ -489,3 +494,211 @@ class JitGuard:
         functions.append(getattr(obj, "__func__", obj))
         return {f.__qualname__ for f in functions
                 if getattr(f, "__code__", None) is not None and self.captured(f)}
+
+
+# -- kernel calls inside compiled graphs --------------------------------------------
+#
+# When dynamo traces the kernel seam, ``traced_call`` takes its place: at compile
+# time it notes who makes the call (the stack of the frames dynamo is inlining,
+# frozen: each frame's code and the locals ``kernel.locate`` reads) and the call's
+# constant arguments, as a numbered site; the graph then calls the operator
+# ``visualizer::attention_call`` with the call's tensors and the site's number.  At
+# run time the operator rebuilds the call and hands it to the seam as an eager call
+# (``kernel.deliver``), so the compiled model gives the maps, keys and sources of the
+# eager one.  The kernel's own result is computed exactly as without capture.
+
+_SITES = {}                # number -> _Site
+_site_numbers = itertools.count(1)
+_pending = []              # the site noted at compile time, until ``_take_site`` returns it
+_grad_said = []
+
+
+class _FrozenFrame:
+    """What ``kernel.locate`` reads of a frame, kept from dynamo's trace of it.
+
+    ``f_locals`` holds the frame's locals that were Python objects at compile
+    time (modules, ints, ...), objects by weak reference where they can be.
+    """
+
+    __slots__ = ("f_code", "f_back", "_locals")
+    frozen = True
+
+    def __init__(self, code, values, back):
+        self.f_code = code
+        self.f_back = back
+        self._locals = values
+
+    @property
+    def f_locals(self):
+        values = {}
+        for name, (weak, value) in self._locals.items():
+            value = value() if weak else value
+            if not weak or value is not None:
+                values[name] = value
+        return values
+
+
+class _Site:
+    """One kernel call site of a compiled graph: who calls, with which constant arguments."""
+
+    __slots__ = ("frame", "make")
+
+    def __init__(self, frame, make):
+        self.frame = frame
+        self.make = make
+
+
+_CONSTANTS = (int, float, bool, str, bytes, type(None))
+
+
+def _freeze_value(value):
+    """``(weak, value)`` to keep of a local, or None when it is not worth keeping."""
+    if isinstance(value, _CONSTANTS) or isinstance(value, tuple) and all(
+            isinstance(item, _CONSTANTS) for item in value):
+        return False, value
+    try:
+        return True, weakref.ref(value)
+    except TypeError:
+        return None
+
+
+def _freeze(tx, skip):
+    """The frames dynamo is inlining from ``tx`` outwards, frozen, minus the codes in ``skip``."""
+    frames = []
+    depth = 0
+    while tx is not None and depth < kernel.MAX_DEPTH:
+        code = tx.f_code
+        if code not in skip:
+            frames.append((code, tx))
+        tx = getattr(tx, "parent", None)
+        depth += 1
+    frozen = None
+    for code, tx in reversed(frames):
+        kind, _, first = kernel.code_info(code)
+        keep_all = kind == "adapter" or any(
+            state.target_of(code) is not None for state in kernel.states())
+        names = list(tx.symbolic_locals) if keep_all else [first] if first else []
+        values = {}
+        for name in names:
+            variable = tx.symbolic_locals.get(name)
+            if variable is None:
+                continue
+            try:
+                value = variable.get_real_python_backed_value()
+            except Exception:
+                continue
+            if getattr(value, "__name__", None) == "NO_SUCH_SUBOBJ":  # no Python object
+                continue
+            kept = _freeze_value(value)
+            if kept is not None:
+                values[name] = kept
+                _guard_identity(variable, value)
+        frozen = _FrozenFrame(code, values, frozen)
+    return frozen
+
+
+def _guard_identity(variable, value):
+    """Make the graph valid only for this module object (its maps name it as their source)."""
+    torch = sys.modules["torch"]
+    if not isinstance(value, torch.nn.Module):
+        return
+    source = getattr(variable, "source", None)
+    if source is None:
+        return
+    try:
+        from torch._dynamo.guards import GuardBuilder, install_guard
+
+        install_guard(source.make_guard(GuardBuilder.ID_MATCH))
+    except Exception:  # a torch whose guards changed: the graph is shared as before
+        pass
+
+
+def _note_site(ctx):
+    """At compile time: note the site of the kernel call being traced (see ``traced_call``)."""
+    try:
+        tx = ctx._i_will_not_complain_if_bc_breaks_InstructionTranslator()
+        constants = {}
+        for name in ("dropout_p", "is_causal", "scale", "enable_gqa"):
+            constants[name] = tx.symbolic_locals[name].as_python_constant()
+        frame = _freeze(tx, _TRACED_CODES)
+
+        def make(tensors, constants=constants):
+            mask = tensors[3] if len(tensors) > 3 else None
+            return kernel.Call(tensors[0], tensors[1], tensors[2], mask, **constants)
+
+        number = next(_site_numbers)
+        _SITES[number] = _Site(frame, make)
+        _pending.append(number)
+    except Exception as exc:  # the call is left uncaptured, and that is said
+        _pending.append(0)
+        _uncaptured(exc)
+
+
+def _take_site():
+    """The number of the site ``_note_site`` just noted (a constant of the compiled graph)."""
+    return _pending.pop() if _pending else 0
+
+
+def _uncaptured(exc):
+    if "site" not in _seam_warned:
+        _seam_warned.add("site")
+        warnings.warn(
+            "visualizer: an attention kernel call inside a compiled graph could not be "
+            "prepared for capture and captures nothing ({}: {}). Capture from the eager "
+            "model.".format(type(exc).__name__, exc), CaptureWarning, stacklevel=2)
+
+
+def traced_call(out, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                scale=None, enable_gqa=False):
+    """What dynamo traces in place of the seam's capture: one call of the operator."""
+    _comptime(_note_site)
+    site = _take_constant_site()
+    if site:
+        tensors = [query, key, value] if attn_mask is None else [query, key, value, attn_mask]
+        _call_op(tensors, site)
+
+
+def deliver_call(number, tensors):
+    """Run time of ``visualizer::attention_call``: one kernel call of a compiled graph."""
+    site = _SITES.get(number)
+    if site is None or not kernel.serving():
+        return
+    try:
+        if any(len(state.events) for state in kernel.states()):
+            # Listeners may keep q, k and v; the compiled graph may reuse their buffers.
+            tensors = [t.detach().clone() for t in tensors]
+        call = site.make(tensors)
+        if any(state.storage.grad for state in kernel.states()):
+            # Leaves that ask for a gradient, as eager ones do; none reaches them (said below).
+            with sys.modules["torch"].enable_grad():
+                joins = kernel.deliver(call, site.frame)
+        else:
+            joins = kernel.deliver(call, site.frame)
+    except Exception as exc:  # a capture must never break the model
+        kernel.report(exc)
+        return
+    if joins and not _grad_said:
+        _grad_said.append(True)
+        warnings.warn(
+            "visualizer: capture(grad=True) inside a compiled graph: the maps are captured "
+            "but receive no gradient (the compiled graph's backward does not reach them). "
+            "For relevance, capture from the eager model.", CaptureWarning, stacklevel=2)
+
+
+_take_constant_site = _comptime = _call_op = None
+_TRACED_CODES = frozenset()
+
+
+def _prepare_traced_call():
+    """Make the seam call ``traced_call`` while dynamo traces it (once; False if it cannot)."""
+    global _take_constant_site, _comptime, _call_op, _TRACED_CODES
+    if _call_op is not None:
+        return True
+    support = _compile_support()
+    if not support:
+        return False
+    _take_constant_site = sys.modules["torch"]._dynamo.assume_constant_result(_take_site)
+    _comptime, _call_op = support.comptime, support.call_op
+    _TRACED_CODES = frozenset((traced_call.__code__, kernel.scaled_dot_product_attention.__code__))
+    kernel.trace_with(traced_call)
+    return True

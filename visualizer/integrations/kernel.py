@@ -56,7 +56,7 @@ NAME = "scaled_dot_product_attention"
 # The 'kernel' family: every kernel call nothing else takes is kept (the seam is
 # in place whenever capture is on; nothing to wait for).
 PRESET = Preset("kernel", "torch.nn.functional.scaled_dot_product_attention")
-_MAX_DEPTH = 48  # frames looked at above a kernel call
+MAX_DEPTH = 48  # frames looked at above a kernel call
 
 _lock = threading.RLock()
 _states = weakref.WeakSet()  # active states the seam serves
@@ -360,6 +360,8 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
     """
     out = _original(query, key, value, *args, **kwargs)
     if compiling():
+        if _traced is not None and not _exporting():
+            _traced(out, query, key, value, *args, **kwargs)
         return out
     if len(_states) and isinstance(out, _tensor_type()):  # not while torch.fx traces (Proxy)
         _thread.calls = getattr(_thread, "calls", 0) + 1
@@ -368,8 +370,43 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
             if joins:
                 return join(out, joins)
         except Exception as exc:  # a capture must never break the model
-            _report(exc)
+            report(exc)
     return out
+
+
+_traced = None  # what dynamo traces in place of a capture (``integrations.compile``)
+
+
+def trace_with(function):
+    """Have the seam call ``function(out, query, key, value, ...)`` while dynamo traces it.
+
+    ``integrations.compile.traced_call`` puts a call of its operator in the
+    graph there, which captures at run time (see ``deliver``).
+    """
+    global _traced
+    _traced = function
+
+
+def _exporting():
+    compiler = getattr(sys.modules.get("torch"), "compiler", None)
+    is_exporting = getattr(compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
+def states():
+    """The capture states the seam serves now."""
+    return list(_states)
+
+
+def deliver(call, frame):
+    """Capture ``call``, made below ``frame`` (a frame, or one frozen at compile time).
+
+    Returns the maps a ``grad=True`` capture would join to the call's output
+    (see ``join``), or None.  A frozen frame (``integrations.compile``) is
+    not running: a watched function that takes the call gets its maps now.
+    """
+    _thread.calls = getattr(_thread, "calls", 0) + 1
+    return _seen(frame, call)
 
 
 def _tensor_type():
@@ -394,7 +431,8 @@ def calls_seen():
     return getattr(_thread, "calls", 0)
 
 
-def _report(exc):
+def report(exc):
+    """Warn once per distinct error that capturing a kernel call failed (the model runs on)."""
     seen = (type(exc).__name__, str(exc))
     if seen in _failed:
         return
@@ -415,8 +453,8 @@ def _seen(frame, call):
     return joins
 
 
-def _info(code):
-    """(kind, qualname, first argument) of a code object: 'adapter', 'method' or 'other'."""
+def code_info(code):
+    """Return (kind, qualname, first argument) of a code object: 'adapter', 'method' or 'other'."""
     entry = _code_info.get(id(code))
     if entry is not None and entry[0] is code:
         return entry[1:]
@@ -449,9 +487,9 @@ def locate(frame, call, state):
     """
     module_type = sys.modules["torch"].nn.Module
     depth = 0
-    while frame is not None and depth < _MAX_DEPTH:
+    while frame is not None and depth < MAX_DEPTH:
         code = frame.f_code
-        kind, qualname, first = _info(code)
+        kind, qualname, first = code_info(code)
         target = state.target_of(code)
         if target is not None and target.takes_calls():
             return call, (target, frame, None), None, None, None
@@ -475,6 +513,9 @@ def locate(frame, call, state):
 
 def _deliver(state, frame, call):
     call, owner, key, qualname, source = locate(frame, call, state)
+    if owner is not None and getattr(owner[1], "frozen", False):
+        target, frozen, _ = owner
+        owner = (target, None, frozen.f_locals.get(target.source) if target.source else None)
     if call.query.dim() == 3:
         call = _heads_apart(call, owner, source, qualname)
     return state.capture_call(key, qualname, source, call, owner)

@@ -3,10 +3,16 @@
 Variants (one batch each; captures emptied at the end of the batch, as in vit.py):
 
 * compiled fused: the default model (``F.scaled_dot_product_attention``) compiled,
-  no capture (the baseline);
+  no capture (the baseline); its attention modules read ``F`` from a namespace whose
+  ``scaled_dot_product_attention`` is always torch's own, so the kernel seam, in place
+  while capture is on, never reaches it;
+* compiled, kernel seam: the default model compiled, its fused path captured at the
+  seam (``watch_attention('kernel')``): the graph calls torch's kernel as the baseline
+  does and the operator ``visualizer::attention_call`` once per layer, which computes
+  the probabilities at run time; default storage (NumPy copies);
 * compiled get_local: the same default model compiled with
   ``watch('timm.layers.attention.Attention.forward', 'attn', overrides={'fused_attn':
-  False})`` capturing (the kernel seam captures nothing inside compiled graphs); the
+  False})`` capturing (the eager path); the
   graph dynamo traces reads ``fused_attn`` as False and calls the operator
   ``visualizer::record`` once per layer; default storage (NumPy copies);
 * compiled unfused: ``fused_attn = False`` on every attention module, no capture: the
@@ -31,6 +37,7 @@ from . import _env
 from ._timing import Variant, capture_switch, e2e_table, interleave, paired_ratio, ratios
 
 FUSED = "compiled, fused (no capture)"
+SEAM = "compiled, fused, kernel seam, NumPy copies"
 GL = "compiled, get_local, NumPy copies (default)"
 UNFUSED = "compiled, fused_attn=False (no capture)"
 EAGER_GL = "not compiled, get_local, NumPy copies"
@@ -47,8 +54,9 @@ def run(cfg, notes):
     from torch._dynamo.utils import counters
     from visualizer import get_local
 
-    get_local.unwatch_attention()  # inside compiled graphs, the eager path is what captures
+    get_local.unwatch_attention()
     how = _env.watch_timm_eager(get_local)
+    get_local.watch_attention(["kernel"])  # the seam keeps the kernel calls of the SEAM model
     if get_local.active:
         raise AssertionError("Attention.forward must run its original code here")
     backend = cfg["compile_backend"]
@@ -58,7 +66,8 @@ def run(cfg, notes):
     if not all(m.fused_attn for m in model.modules() if isinstance(m, Attention)):
         raise AssertionError("timm built the model without fused attention "
                              "(TIMM_FUSED_ATTN set?): the fused baseline would be eager")
-    fused = _unwatched_copy(model, Attention, fused_attn=True)
+    fused = _unwatched_copy(model, Attention, fused_attn=True, plain_kernel=torch)
+    seam = _unwatched_copy(model, Attention, fused_attn=True)
     unfused = _unwatched_copy(model, Attention, fused_attn=False)
     reference_model = copy.deepcopy(model)
     for m in reference_model.modules():
@@ -69,8 +78,9 @@ def run(cfg, notes):
     x = torch.randn(cfg["batch"], 3, size, size)
 
     compiled = {name: torch.compile(m, backend=backend, fullgraph=True)
-                for name, m in ((FUSED, fused), (GL, model), (UNFUSED, unfused))}
-    counts = {GL: [], EAGER_GL: []}  # maps captured per timed batch
+                for name, m in ((FUSED, fused), (SEAM, seam), (GL, model),
+                                (UNFUSED, unfused))}
+    counts = {GL: [], SEAM: [], EAGER_GL: []}  # maps captured per timed batch
 
     def captured(name, forward):
         def run_batch():
@@ -81,6 +91,7 @@ def run(cfg, notes):
 
     variants = [
         Variant(FUSED, lambda: compiled[FUSED](x)),
+        Variant(SEAM, captured(SEAM, compiled[SEAM])),
         Variant(GL, captured(GL, compiled[GL])),
         Variant(UNFUSED, lambda: compiled[UNFUSED](x)),
         Variant(EAGER_GL, captured(EAGER_GL, model)),
@@ -97,13 +108,14 @@ def run(cfg, notes):
         enter()
         try:
             # Each compiled model's first call compiles it, with capture on as timed.
-            for name in (GL, FUSED, UNFUSED):
+            for name in (GL, SEAM, FUSED, UNFUSED):
                 start = time.perf_counter()
                 out = compiled[name](x)
                 compile_s[name] = time.perf_counter() - start
                 _check_output(torch, name, out, want_out)
-                if name == GL:
-                    _check_maps(GL, get_local.by_module(model), reference, depth)
+                if name in (GL, SEAM):
+                    _check_maps(name, get_local.by_module(model if name == GL else seam),
+                                reference, depth)
                 elif get_local.cache.get(_env.TIMM_KEY):
                     raise AssertionError("{}: captured {} maps; its attention ran the watched "
                                          "code".format(name, len(get_local.cache[_env.TIMM_KEY])))
@@ -130,12 +142,12 @@ def run(cfg, notes):
     stats = ratios(times, FUSED)
     notes.append(
         "Compiled ({}, fullgraph=True): the first call of each compiled model, which "
-        "compiles it, took {:.1f} s (fused), {:.1f} s (capturing), {:.1f} s "
-        "(fused_attn=False){}; untimed. Capture stayed on while timing; the models without "
+        "compiles it, took {:.1f} s (fused), {:.1f} s (kernel seam), {:.1f} s (capturing the "
+        "eager path), {:.1f} s (fused_attn=False){}; untimed. Capture stayed on while timing; the models without "
         "capture run a copy of Attention.forward's code, which capture does not touch. "
         "Each switch makes dynamo compile the frame again: the first call after "
         "deactivate() took {:.1f} s, after activate() {:.1f} s.".format(
-            backend, compile_s[FUSED], compile_s[GL], compile_s[UNFUSED],
+            backend, compile_s[FUSED], compile_s[SEAM], compile_s[GL], compile_s[UNFUSED],
             " (inductor's on-disk cache shortens repeat runs)" if backend == "inductor" else "",
             switch_s["off"], switch_s["on"]))
     summary = {
@@ -146,6 +158,7 @@ def run(cfg, notes):
         "compile_s": compile_s,
         "switch_s": switch_s,
         "gl_vs_fused": (stats[GL]["ratio"], stats[GL]["ci"]),
+        "seam_vs_fused": (stats[SEAM]["ratio"], stats[SEAM]["ci"]),
         "gl_vs_unfused": paired_ratio(times, GL, UNFUSED),
         "unfused_vs_fused": (stats[UNFUSED]["ratio"], stats[UNFUSED]["ci"]),
         "eager_gl_vs_gl": paired_ratio(times, EAGER_GL, GL),
@@ -174,11 +187,22 @@ def _switching(get_local, forward, depth):
     return seconds
 
 
-def _unwatched_copy(model, attention_class, fused_attn):
-    """A copy of ``model`` whose attention modules run a copy of ``forward``'s code."""
+def _unwatched_copy(model, attention_class, fused_attn, plain_kernel=None):
+    """A copy of ``model`` whose attention modules run a copy of ``forward``'s code.
+
+    With ``plain_kernel`` (torch), that code's ``F`` is a namespace whose
+    ``scaled_dot_product_attention`` is torch's own even while the seam is in place.
+    """
     twin = copy.deepcopy(model)
     original = attention_class.forward
-    forward = types.FunctionType(original.__code__.replace(), original.__globals__,
+    namespace = original.__globals__
+    if plain_kernel is not None:
+        functional = types.ModuleType("functional_without_the_seam")
+        functional.__dict__.update(vars(plain_kernel.nn.functional))
+        functional.scaled_dot_product_attention = \
+            plain_kernel._C._nn.scaled_dot_product_attention
+        namespace = dict(namespace, F=functional)
+    forward = types.FunctionType(original.__code__.replace(), namespace,
                                  original.__name__, original.__defaults__, original.__closure__)
     for m in twin.modules():
         if isinstance(m, attention_class):

@@ -247,7 +247,9 @@ def _targets(s, cfg):
                              _ratio(v["gl_vs_forced"]), ""])
     c = s.get("compiled")
     if c:
-        rows.append(["ViT-S/16 compiled, capture x compiled fused (no target)",
+        rows.append(["ViT-S/16 compiled, kernel seam capture x compiled fused (no target)",
+                     _ratio(c["seam_vs_fused"]), ""])
+        rows.append(["ViT-S/16 compiled, eager-path capture x compiled fused (no target)",
                      _ratio(c["gl_vs_fused"]), ""])
         rows.append(["ViT-S/16 compiled, capture x compiled fused_attn=False (no target)",
                      _ratio(c["gl_vs_unfused"]), ""])

@@ -42,7 +42,8 @@ import sys
 from .. import _imports
 from . import kernel
 
-__all__ = ["NAME", "FlexCall", "capture", "compile_friendly_flex_attention", "flex_attention",
+__all__ = ["NAME", "FlexCall", "capture", "compile_friendly_flex_attention",
+           "compiled_flex_attention", "flex_attention",
            "install", "probabilities", "COMPILED_MESSAGE"]
 
 NAME = "flex_attention"
@@ -183,10 +184,32 @@ def flex_attention(query, key, value, *args, **kwargs):
     out = _TORCH.original(query, key, value, *args, **kwargs)
     if kernel.compiling() or not kernel.serving():
         return out
+    return _capture_arguments(sys._getframe(1), out, query, key, value, args, kwargs)
+
+
+def _capture_arguments(frame, out, query, key, value, args, kwargs):
     named = dict(zip(_POSITIONAL, args))
     named.update(kwargs)
-    return capture(sys._getframe(1), out, query, key, value, named.get("score_mod"),
+    return capture(frame, out, query, key, value, named.get("score_mod"),
                    named.get("block_mask"), named.get("scale"), named.get("enable_gqa", False))
+
+
+def compiled_flex_attention(compiled):
+    """The wrapper of ``compiled``, a ``torch.compile(flex_attention)`` a module keeps as a global.
+
+    torchtune and gpt-fast compile flex attention once at import
+    (``flex_attention_compiled = torch.compile(flex_attention)``); such a
+    global is replaced by this while capture is on.  It returns exactly what
+    ``compiled`` returns and captures the call like ``flex_attention``.
+    """
+    def flex_attention_compiled(query, key, value, *args, **kwargs):
+        out = compiled(query, key, value, *args, **kwargs)
+        if kernel.compiling() or not kernel.serving():
+            return out
+        return _capture_arguments(sys._getframe(1), out, query, key, value, args, kwargs)
+
+    flex_attention_compiled.__wrapped__ = compiled
+    return flex_attention_compiled
 
 
 def compile_friendly_flex_attention(query, key, value, training=False, **kwargs):
@@ -206,7 +229,8 @@ def compile_friendly_flex_attention(query, key, value, training=False, **kwargs)
 
 # transformers' module binds torch's flex_attention to compile it once: left alone, since
 # compile_friendly_flex_attention, its only caller, is served itself.
-_TORCH = kernel.Patch(TORCH_MODULE, NAME, flex_attention, skip=(TRANSFORMERS_MODULE,))
+_TORCH = kernel.Patch(TORCH_MODULE, NAME, flex_attention, skip=(TRANSFORMERS_MODULE,),
+                      compiled=compiled_flex_attention)
 _TRANSFORMERS = kernel.Patch(TRANSFORMERS_MODULE, "compile_friendly_flex_attention",
                              compile_friendly_flex_attention)
 _installed = []
@@ -222,5 +246,6 @@ def install():
         _imports.when_imported(patch.module, lambda module, patch=patch: kernel.also_patch(patch))
     from . import compile
 
-    for wrapper in (flex_attention, compile_friendly_flex_attention):
+    for wrapper in (flex_attention, compile_friendly_flex_attention,
+                    compiled_flex_attention(None)):
         compile.seam_code(wrapper.__code__, COMPILED_MESSAGE)

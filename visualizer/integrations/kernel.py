@@ -39,6 +39,7 @@ replaced.
 """
 import sys
 import threading
+import types
 import warnings
 import weakref
 
@@ -316,41 +317,44 @@ class Patch:
     The function is replaced in its ``module`` and in every module namespace
     that imported it by name (``from torch.nn.functional import
     scaled_dot_product_attention``), except torch's private modules, ours and
-    those starting with one of ``skip``.  ``patch()`` returns False while
-    ``module`` is not imported (nothing to replace yet).  The seam's own
-    patches are ``kernel``'s SDPA and those given to ``also_patch``.
+    those starting with one of ``skip``.  With ``compiled``, a global that
+    holds ``torch.compile(function)`` is replaced too, by ``compiled(that
+    global)``.  ``patch()`` returns False while ``module`` is not imported
+    (nothing to replace yet).  The seam's own patches are ``kernel``'s SDPA
+    and those given to ``also_patch``.
     """
 
-    def __init__(self, module, name, wrapper, skip=()):
+    def __init__(self, module, name, wrapper, skip=(), compiled=None):
         self.module = module
         self.name = name
         self.wrapper = wrapper
         self.skip = ("torch._", "visualizer.") + tuple(skip)
+        self.compiled = compiled
         self.original = None  # the library's own function, once seen
-        self.holders = []     # (namespace, name) where it is bound
+        self.holders = []     # (namespace, name, what it held, what replaces it)
         self.scanned = {}     # module name -> module, namespaces already looked through
 
     def patch(self):
-        """Put ``wrapper`` in place everywhere the original is bound; False if not importable yet."""
+        """Put the wrappers in place everywhere the original is bound; False if not importable yet."""
         current = getattr(sys.modules.get(self.module), self.name, None)
         if current is None:
             return False
         if self.original is None:
             self.original = current
         self.scan()
-        for namespace, name in self.holders:
-            if namespace.get(name) is self.original:
-                namespace[name] = self.wrapper
+        for namespace, name, original, wrapper in self.holders:
+            if namespace.get(name) is original:
+                namespace[name] = wrapper
         return True
 
     def unpatch(self):
-        """Put the original back wherever ``wrapper`` is."""
+        """Put the originals back wherever a wrapper is."""
         if self.original is None:
             return
         self.scan()  # modules imported while capturing may hold the wrapper
-        for namespace, name in self.holders:
-            if namespace.get(name) is self.wrapper:
-                namespace[name] = self.original
+        for namespace, name, original, wrapper in self.holders:
+            if namespace.get(name) is wrapper:
+                namespace[name] = original
 
     def scan(self):
         """Note each global that holds the original or the wrapper, in modules not seen yet."""
@@ -366,7 +370,10 @@ class Patch:
                 continue
             for attr, value in list(namespace.items()):
                 if value is original or value is wrapper:
-                    self.holders.append((namespace, attr))
+                    self.holders.append((namespace, attr, original, wrapper))
+                elif self.compiled is not None and type(value) is types.FunctionType and \
+                        value.__dict__.get("_torchdynamo_orig_callable") is original:
+                    self.holders.append((namespace, attr, value, self.compiled(value)))
 
 
 _PATCHES = []  # more functions that the seam replaces while it is in place (``also_patch``)

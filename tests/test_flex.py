@@ -36,6 +36,15 @@ def quiet_flex():
 KEY = "attention_module.<locals>.FlexAttention.forward"
 
 
+@pytest.fixture
+def warns_again():
+    """The warning about compiled graphs comes once per process: let this test see it."""
+    from visualizer.integrations import compile, flex
+
+    compile._seam_warned.discard(flex.COMPILED_MESSAGE)
+    yield
+
+
 def relative_bias(score, b, h, q_idx, kv_idx):
     """A score_mod: a bias by relative position and by head (so heads and rows matter)."""
     return score + 0.1 * (q_idx - kv_idx) + 0.05 * h
@@ -181,7 +190,8 @@ def test_a_compiled_flex_attention_kept_as_a_global_is_captured(seam):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_inside_a_compiled_graph_flex_attention_warns_and_the_output_is_unchanged(seam):
+def test_inside_a_compiled_graph_flex_attention_warns_and_the_output_is_unchanged(seam,
+                                                                                 warns_again):
     flex = flex_module()
     torch = sys.modules["torch"]
     torch.manual_seed(5)
@@ -247,3 +257,24 @@ def test_transformers_flex_attention_maps_equal_eager_attentions(seam, build, ke
                                    atol=1e-5)
     assert list(seam.by_module(model, cache))[0].endswith("layers.0.self_attn") or \
         list(seam.by_module(model, cache))[0] == "encoder.layer.0.attention.self"
+
+
+def test_a_compiled_transformers_model_with_flex_attention_warns(seam, warns_again):
+    """torch.compile(model) traces transformers' flex call: nothing captured, never in silence."""
+    flex_module()
+    torch = sys.modules["torch"]
+    transformers = require("transformers")
+    torch.manual_seed(7)
+    model = tiny_llama(transformers)
+    if not getattr(model, "_supports_flex_attn", False):
+        pytest.skip("this transformers has no flex attention for Llama")
+    model.set_attn_implementation("flex_attention")
+    ids = torch.tensor([[1, 5, 7, 9, 11, 4]])
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        plain = compiled(input_ids=ids).logits
+        with pytest.warns(CaptureWarning, match="flex attention captures nothing"):
+            with seam.capture() as cache:
+                out = compiled(input_ids=ids).logits
+    assert torch.equal(out, plain)
+    assert not cache.get("LlamaAttention.forward")

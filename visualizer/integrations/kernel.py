@@ -35,7 +35,8 @@ nothing inside ``torch.compile``d graphs: there the wrapper passes straight
 through to the kernel (see ``visualizer.integrations.compile`` for captures
 that do work there).  A reference bound elsewhere (an attribute such as
 ``self.attn_fn = F.scaled_dot_product_attention`` made at import) is not
-replaced.
+replaced.  Other attention functions go in and out with the seam through
+``also_patch`` (a ``Patch`` each): ``integrations.flex`` serves flex attention.
 """
 import sys
 import threading

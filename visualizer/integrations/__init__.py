@@ -8,6 +8,9 @@ library's module defines its ``watch_attention`` family as ``PRESET``;
 
 * ``kernel``: the seam every library shares, torch's
   ``scaled_dot_product_attention``; captures each call's probabilities.
+* ``flex``: torch's ``flex_attention`` (and transformers' compiled call of
+  it), served by the kernel seam; captures each call's probabilities with
+  its ``score_mod`` and block mask applied.
 * ``transformers``: how its sdpa integration reshapes the kernel's input,
   and its eager-only models.
 * ``timm``: timm's attention classes that never reach the kernel.
@@ -29,12 +32,13 @@ __all__ = ["HEAD_COUNTS", "Preset", "head_count", "heads_apart", "is_softmax", "
 
 def plug_in(state):
     """Extend a capture state with what the libraries need (``visualizer._state.PLUGINS``)."""
-    from . import compile, kernel, transformers
+    from . import compile, flex, kernel, transformers
 
     state.attention_marks.append(is_softmax)
     state.extend(kernel.Seam())
     state.extend(compile.Compilers(state))
     transformers.wait_for_adapters()
+    flex.install()
 
 
 def presets():

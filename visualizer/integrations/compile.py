@@ -1,5 +1,12 @@
 """What torch's compilers need from capture; nothing here imports torch itself.
 
+* The kernel seam inside torch.compile: when dynamo traces the seam, it
+  traces ``traced_call``, which notes at compile time who makes the call (the
+  frames dynamo inlines, frozen) and puts one call of the ordered custom
+  operator ``visualizer::attention_call`` beside the kernel; at run time the
+  operator hands the call to the seam as an eager call.  The compiled model
+  computes its output as it would without capture.
+
 * torch.compile: TorchDynamo traces the rewritten code like any other (the
   rewrite loads its recorders by name, so its constants hold no functions).
   When it reaches a recorder, dynamo traces ``traced`` instead (the
@@ -99,20 +106,36 @@ def _compiled(code, new_code):
             _COMPILED_IN.setdefault(target, weakref.WeakSet()).add(code)
         elif traced_code is _SEAM_CODE and _call_op is None:
             _compiled_through_seam(code)
+        elif _SEAMS.get(id(traced_code), (None,))[0] is traced_code:
+            _compiled_through_seam(code, _SEAMS[id(traced_code)][1])
     return None
 
 
 _SEAM_CODE = kernel.scaled_dot_product_attention.__code__
+_SEAMS = {}  # id(code) -> (code, message): the seam's other wrappers (``seam_code``)
 _seam_warned = set()
 
 
-def _compiled_through_seam(code):
+def seam_code(code, message):
+    """Warn ``message`` (``{}``: the compiled function) once if dynamo traces ``code`` while capturing.
+
+    For the wrappers the seam puts in place of other attention functions
+    (``integrations.flex``), which capture nothing inside compiled graphs.
+    """
+    _SEAMS[id(code)] = (code, message)
+
+
+def _compiled_through_seam(code, message=None):
     """Dynamo traced the kernel seam: it captures nothing in compiled graphs; say so once."""
     if not kernel.serving():
         return
-    if "seam" in _seam_warned:
+    if (message or "seam") in _seam_warned:
         return
-    _seam_warned.add("seam")
+    _seam_warned.add(message or "seam")
+    if message is not None:
+        warnings.warn(message.format(getattr(code, "co_name", "a function")), CaptureWarning,
+                      stacklevel=2)
+        return
     warnings.warn(
         "visualizer: torch.compile compiled {} with attention kernels while capture is on; "
         "inside compiled graphs the kernel seam captures nothing (the compiled model runs "
@@ -671,9 +694,9 @@ def deliver_call(number, tensors):
         if any(state.storage.grad for state in kernel.states()):
             # Leaves that ask for a gradient, as eager ones do; none reaches them (said below).
             with sys.modules["torch"].enable_grad():
-                joins = kernel.deliver(call, site.frame)
+                joins = kernel.deliver_traced(call, site.frame)
         else:
-            joins = kernel.deliver(call, site.frame)
+            joins = kernel.deliver_traced(call, site.frame)
     except Exception as exc:  # a capture must never break the model
         kernel.report(exc)
         return

@@ -30,15 +30,18 @@ for speed register an adapter here (``adapter``) that gives the kernel call
 back its model-level meaning, e.g. transformers' ``pack_gqa``.
 
 When capture is off, ``torch.nn.functional.scaled_dot_product_attention`` is
-torch's own object again, everywhere it was replaced.  The seam captures
-nothing inside ``torch.compile``d graphs: there the wrapper passes straight
-through to the kernel (see ``visualizer.integrations.compile`` for captures
-that do work there).  A reference bound elsewhere (an attribute such as
+torch's own object again, everywhere it was replaced.  Inside
+``torch.compile``d graphs the seam captures too: dynamo traces a call of an
+operator beside the kernel, which hands the call to the seam at run time as
+if it were eager, with the keys and sources the eager model gives
+(``integrations.compile``: ``trace_with``, ``deliver_traced``).  A reference bound elsewhere (an attribute such as
 ``self.attn_fn = F.scaled_dot_product_attention`` made at import) is not
-replaced.
+replaced.  Other attention functions go in and out with the seam through
+``also_patch`` (a ``Patch`` each): ``integrations.flex`` serves flex attention.
 """
 import sys
 import threading
+import types
 import warnings
 import weakref
 
@@ -47,7 +50,9 @@ from .._errors import CaptureWarning
 from .._state import Extension
 from ._common import Preset, head_count, warn_unsplit
 
-__all__ = ["Seam", "install", "uninstall", "adapter", "Call", "probabilities", "reduced",
+__all__ = ["Seam", "install", "uninstall", "adapter", "Call", "Patch", "also_patch", "deliver",
+           "deliver_traced", "trace_with", "states", "report", "code_info",
+           "probabilities", "reduced",
            "reduce_map", "calls_seen", "compiling", "leaf_probabilities", "map_gradient", "join",
            "PRESET"]
 
@@ -60,9 +65,7 @@ MAX_DEPTH = 48  # frames looked at above a kernel call
 
 _lock = threading.RLock()
 _states = weakref.WeakSet()  # active states the seam serves
-_original = None             # torch's own function
-_holders = []                # namespaces (dicts) where we replaced it
-_scanned = {}                # module name -> module, namespaces already looked through
+_original = None             # torch's own function (``_SDPA.original``, read on every call)
 _adapters = {}               # id(code) -> (code, adapt(frame, call, state) -> (call, owner))
 _code_info = {}              # id(code) -> (code, kind, qualname, first argument)
 _failed = set()
@@ -279,17 +282,14 @@ def original():
 
 def _patch():
     global _original
-    functional = sys.modules.get("torch.nn.functional")
-    current = getattr(functional, NAME, None)
-    if current is None:
+    first = _SDPA.original is None
+    if not _SDPA.patch():
         return
-    if _original is None:
-        _original = current
+    if first:
+        _original = _SDPA.original
         _script_as_the_kernel()
-    _scan()
-    for namespace, name in _holders:
-        if namespace.get(name) is _original:
-            namespace[name] = scaled_dot_product_attention
+    for patch in _PATCHES:
+        patch.patch()
 
 
 def _script_as_the_kernel():
@@ -311,33 +311,90 @@ def _script_as_the_kernel():
 
 
 def _unpatch():
-    if _original is None:
-        return
-    _scan()  # modules imported while capturing may hold the seam
-    for namespace, name in _holders:
-        if namespace.get(name) is scaled_dot_product_attention:
-            namespace[name] = _original
+    _SDPA.unpatch()
+    for patch in _PATCHES:
+        patch.unpatch()
 
 
-def _scan():
-    """Note each global that holds torch's function or the seam, in modules not seen yet.
+class Patch:
+    """One library function replaced by ``wrapper`` while the seam is in place.
 
-    ``from torch.nn.functional import scaled_dot_product_attention`` binds
-    the function in the importing module; those names are replaced too.
-    torch's private modules (``torch._C._nn`` and the like) keep their own.
+    The function is replaced in its ``module`` and in every module namespace
+    that imported it by name (``from torch.nn.functional import
+    scaled_dot_product_attention``), except torch's private modules, ours and
+    those starting with one of ``skip``.  With ``compiled``, a global that
+    holds ``torch.compile(function)`` is replaced too, by ``compiled(that
+    global)``.  ``patch()`` returns False while ``module`` is not imported
+    (nothing to replace yet).  The seam's own patches are ``kernel``'s SDPA
+    and those given to ``also_patch``.
     """
-    for name, module in list(sys.modules.items()):
-        if module is None or _scanned.get(name) is module:
-            continue
-        _scanned[name] = module
-        if name == __name__ or name.startswith(("torch._", "visualizer.")):
-            continue
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        for attr, value in list(namespace.items()):
-            if value is _original or value is scaled_dot_product_attention:
-                _holders.append((namespace, attr))
+
+    def __init__(self, module, name, wrapper, skip=(), compiled=None):
+        self.module = module
+        self.name = name
+        self.wrapper = wrapper
+        self.skip = ("torch._", "visualizer.") + tuple(skip)
+        self.compiled = compiled
+        self.original = None  # the library's own function, once seen
+        self.holders = []     # (namespace, name, what it held, what replaces it)
+        self.scanned = {}     # module name -> module, namespaces already looked through
+
+    def patch(self):
+        """Put the wrappers in place everywhere the original is bound; False if not importable yet."""
+        current = getattr(sys.modules.get(self.module), self.name, None)
+        if current is None:
+            return False
+        if self.original is None:
+            self.original = current
+        self.scan()
+        for namespace, name, original, wrapper in self.holders:
+            if namespace.get(name) is original:
+                namespace[name] = wrapper
+        return True
+
+    def unpatch(self):
+        """Put the originals back wherever a wrapper is."""
+        if self.original is None:
+            return
+        self.scan()  # modules imported while capturing may hold the wrapper
+        for namespace, name, original, wrapper in self.holders:
+            if namespace.get(name) is wrapper:
+                namespace[name] = original
+
+    def scan(self):
+        """Note each global that holds the original or the wrapper, in modules not seen yet."""
+        original, wrapper, skip = self.original, self.wrapper, self.skip
+        for name, module in list(sys.modules.items()):
+            if module is None or self.scanned.get(name) is module:
+                continue
+            self.scanned[name] = module
+            if name.startswith(skip):
+                continue
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for attr, value in list(namespace.items()):
+                if value is original or value is wrapper:
+                    self.holders.append((namespace, attr, original, wrapper))
+                elif self.compiled is not None and type(value) is types.FunctionType and \
+                        value.__dict__.get("_torchdynamo_orig_callable") is original:
+                    self.holders.append((namespace, attr, value, self.compiled(value)))
+
+
+_PATCHES = []  # more functions that the seam replaces while it is in place (``also_patch``)
+
+
+def also_patch(patch):
+    """Put ``patch`` (a ``Patch``) in and out with the seam: another attention function served.
+
+    ``integrations.flex`` gives flex attention this way; its wrappers deliver
+    their calls with ``deliver``.  Applied now if the seam is in place.
+    """
+    with _lock:
+        if patch not in _PATCHES:
+            _PATCHES.append(patch)
+        if len(_states):
+            patch.patch()
 
 
 def adapter(code, adapt):
@@ -376,6 +433,28 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
     return out
 
 
+_SDPA = Patch("torch.nn.functional", NAME, scaled_dot_product_attention)
+
+
+def deliver(frame, call, out):
+    """Give ``call``, made by the code of ``frame``, to every active capture; return ``out``.
+
+    For the wrappers of other attention functions (``also_patch``): ``call``
+    has the interface of ``Call`` and ``out`` is the attention output that
+    torch computed, returned as it is, or joined to the maps under
+    ``capture(grad=True)`` (see ``join``).  A capture that fails warns once
+    and never breaks the model.
+    """
+    _thread.calls = getattr(_thread, "calls", 0) + 1
+    try:
+        joins = _seen(frame, call)
+        if joins:
+            return join(out, joins)
+    except Exception as exc:  # a capture must never break the model
+        report(exc)
+    return out
+
+
 _traced = None  # what dynamo traces in place of a capture (``integrations.compile``)
 
 
@@ -383,7 +462,7 @@ def trace_with(function):
     """Have the seam call ``function(out, query, key, value, ...)`` while dynamo traces it.
 
     ``integrations.compile.traced_call`` puts a call of its operator in the
-    graph there, which captures at run time (see ``deliver``).
+    graph there, which captures at run time (see ``deliver_traced``).
     """
     global _traced
     _traced = function
@@ -400,7 +479,7 @@ def states():
     return list(_states)
 
 
-def deliver(call, frame):
+def deliver_traced(call, frame):
     """Capture ``call``, made below ``frame`` (a frame, or one frozen at compile time).
 
     Returns the maps a ``grad=True`` capture would join to the call's output
@@ -510,7 +589,7 @@ def locate(frame, call, state):
                     return call, None, qualname, qualname, owner_object
         frame = frame.f_back
         depth += 1
-    return call, None, NAME, NAME, None
+    return call, None, call.name, call.name, None
 
 
 def _deliver(state, frame, call):
@@ -532,7 +611,7 @@ def leaf_probabilities(call, queries=None, heads=None):
     reaches ``q`` or ``k`` through them) and marked ``requires_grad`` when
     gradients are enabled: ``join`` then makes the loss reach them.
     """
-    maps = probabilities(call, queries, heads, grad=False)
+    maps = call.probabilities(queries, heads, grad=False)
     if sys.modules["torch"].is_grad_enabled() and maps.is_floating_point():
         maps.requires_grad_(True)
     return maps
@@ -677,6 +756,6 @@ def reduced(call, reduce, queries=None, heads=None, grad=False, running=None, ow
     ``visualizer.attention.reduce_rows``; ``heads`` are picked before.
     The result is float32 for float16/bfloat16 inputs, else the query's dtype.
     """
-    return attention.reduce_rows(lambda rows: probabilities(call, rows, heads, grad),
+    return attention.reduce_rows(lambda rows: call.probabilities(rows, heads, grad),
                                  call.query.shape[-2], call.key.shape[-2], reduce, queries,
                                  running, owner, rows_per_chunk or ROWS_PER_CHUNK, call.query)

@@ -190,22 +190,25 @@ def test_a_compiled_flex_attention_kept_as_a_global_is_captured(seam):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_inside_a_compiled_graph_flex_attention_warns_and_the_output_is_unchanged(seam,
-                                                                                 warns_again):
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_inside_a_compiled_graph_flex_attention_is_captured(seam, backend):
+    """The graph computes the maps beside the kernel; the compiled output is unchanged."""
     flex = flex_module()
     torch = sys.modules["torch"]
+    np = require("numpy")
     torch.manual_seed(5)
     q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
-    module = attention_module(torch, flex, score_mod=relative_bias)
-    plain = module(q, k, v)
-    compiled = torch.compile(attention_module(torch, flex, score_mod=relative_bias),
-                             backend="eager")
-    with pytest.warns(CaptureWarning, match="flex attention captures nothing") as caught:
-        with seam.capture() as cache:
-            out = compiled(q, k, v)
+    block_mask = flex.create_block_mask(causal, 1, 2, 5, 5, device="cpu")
+    compiled = torch.compile(attention_module(torch, flex, score_mod=relative_bias,
+                                              block_mask=block_mask),
+                             backend=backend, fullgraph=True)
+    plain = compiled(q, k, v)
+    with seam.capture() as cache:
+        out = compiled(q, k, v)
     assert torch.equal(out, plain)
-    assert not cache.get(KEY)
-    assert any("attn_implementation" in str(w.message) for w in caught)
+    (got,) = cache[KEY]
+    want = reference(torch, q, k, 0.5, allowed=lambda b, h, i, j: i >= j)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def tiny_llama(transformers):
@@ -259,22 +262,37 @@ def test_transformers_flex_attention_maps_equal_eager_attentions(seam, build, ke
         list(seam.by_module(model, cache))[0] == "encoder.layer.0.attention.self"
 
 
-def test_a_compiled_transformers_model_with_flex_attention_warns(seam, warns_again):
-    """torch.compile(model) traces transformers' flex call: nothing captured, never in silence."""
+@pytest.mark.parametrize("build, key, padded_rows", [
+    (tiny_llama, "LlamaAttention.forward", slice(2, None)),
+    (tiny_bert, "BertSelfAttention.forward", slice(None)),
+], ids=["llama (grouped-query heads, left padding)", "bert (right padding)"])
+def test_a_compiled_transformers_model_with_flex_attention(seam, build, key, padded_rows):
+    """torch.compile(model) traces transformers' flex call: the maps of the eager model."""
     flex_module()
     torch = sys.modules["torch"]
     transformers = require("transformers")
+    np = require("numpy")
     torch.manual_seed(7)
-    model = tiny_llama(transformers)
+    model = build(transformers)
     if not getattr(model, "_supports_flex_attn", False):
-        pytest.skip("this transformers has no flex attention for Llama")
+        pytest.skip("this transformers has no flex attention for {}".format(type(model).__name__))
     model.set_attn_implementation("flex_attention")
-    ids = torch.tensor([[1, 5, 7, 9, 11, 4]])
-    compiled = torch.compile(model, backend="eager")
+    ids = torch.tensor([[1, 5, 7, 9, 11, 4], [0, 0, 5, 8, 3, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    if build is tiny_bert:
+        mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
-        plain = compiled(input_ids=ids).logits
-        with pytest.warns(CaptureWarning, match="flex attention captures nothing"):
-            with seam.capture() as cache:
-                out = compiled(input_ids=ids).logits
+        plain = compiled(input_ids=ids, attention_mask=mask)[0]
+        with seam.capture() as cache:
+            out = compiled(input_ids=ids, attention_mask=mask)[0]
+        model.set_attn_implementation("eager")
+        eager = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
     assert torch.equal(out, plain)
-    assert not cache.get("LlamaAttention.forward")
+    maps = cache[key]
+    assert len(maps) == 2
+    for got, want in zip(maps, eager):
+        want = want.numpy()
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[1, :, padded_rows], want[1, :, padded_rows], rtol=1e-5,
+                                   atol=1e-5)

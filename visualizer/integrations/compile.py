@@ -106,7 +106,7 @@ def _compiled(code, new_code):
             _COMPILED_IN.setdefault(target, weakref.WeakSet()).add(code)
         elif traced_code is _SEAM_CODE and _call_op is None:
             _compiled_through_seam(code)
-        elif _SEAMS.get(id(traced_code), (None,))[0] is traced_code:
+        elif _call_op is None and _SEAMS.get(id(traced_code), (None,))[0] is traced_code:
             _compiled_through_seam(code, _SEAMS[id(traced_code)][1])
     return None
 
@@ -602,22 +602,46 @@ def _freeze(tx, skip):
             state.target_of(code) is not None for state in kernel.states())
         names = list(tx.symbolic_locals) if keep_all else [first] if first else []
         values = {}
+        real = getattr(tx, "f_locals", None) if getattr(tx, "parent", None) is None else None
         for name in names:
             variable = tx.symbolic_locals.get(name)
-            if variable is None:
+            if variable is not None:
+                value = _python_value(tx, variable)
+            elif isinstance(real, dict) and name in real:
+                # The frame dynamo compiles drops the locals it no longer needs: its real
+                # ones hold them (the compiled module itself, often).
+                value, variable = real[name], None
+            else:
                 continue
-            try:
-                value = variable.get_real_python_backed_value()
-            except Exception:
-                continue
-            if getattr(value, "__name__", None) == "NO_SUCH_SUBOBJ":  # no Python object
+            if value is _NOTHING:
                 continue
             kept = _freeze_value(value)
             if kept is not None:
                 values[name] = kept
-                _guard_identity(variable, value)
+                if variable is not None:
+                    _guard_identity(variable, value)
         frozen = _FrozenFrame(code, values, frozen)
     return frozen
+
+
+_NOTHING = object()
+
+
+def _python_value(tx, variable):
+    """The Python object a dynamo variable stands for, or ``_NOTHING``."""
+    try:
+        value = variable.get_real_python_backed_value()
+        if getattr(value, "__name__", None) != "NO_SUCH_SUBOBJ":
+            return value
+    except Exception:
+        pass
+    key = getattr(variable, "module_key", None)  # a module dynamo specialised on
+    if key is not None:
+        try:
+            return tx.output.get_submodule(key)
+        except Exception:
+            pass
+    return _NOTHING
 
 
 def _guard_identity(variable, value):
@@ -636,18 +660,31 @@ def _guard_identity(variable, value):
         pass
 
 
+def _make_sdpa(tensors, constants):
+    mask = tensors[3] if len(tensors) > 3 else None
+    return kernel.Call(tensors[0], tensors[1], tensors[2], mask, **constants)
+
+
+def _make_computed(tensors, constants):
+    return kernel.Computed(tensors[0], tensors[1], tensors[2], tensors[3], constants["name"])
+
+
 def _note_site(ctx):
-    """At compile time: note the site of the kernel call being traced (see ``traced_call``)."""
+    """At compile time: note the site of the call being traced (``traced_call``'s kind)."""
     try:
         tx = ctx._i_will_not_complain_if_bc_breaks_InstructionTranslator()
-        constants = {}
-        for name in ("dropout_p", "is_causal", "scale", "enable_gqa"):
-            constants[name] = tx.symbolic_locals[name].as_python_constant()
+        kind = tx.symbolic_locals["kind"].as_python_constant()
+        if kind == "sdpa":
+            constants = {}
+            for name in ("dropout_p", "is_causal", "scale", "enable_gqa"):
+                constants[name] = tx.symbolic_locals[name].as_python_constant()
+            make = _make_sdpa
+        else:  # maps the graph computes itself
+            constants, make = {"name": kind}, _make_computed
         frame = _freeze(tx, _TRACED_CODES)
 
-        def make(tensors, constants=constants):
-            mask = tensors[3] if len(tensors) > 3 else None
-            return kernel.Call(tensors[0], tensors[1], tensors[2], mask, **constants)
+        def make(tensors, constants=constants, make=make):
+            return make(tensors, constants)
 
         number = next(_site_numbers)
         _SITES[number] = _Site(frame, make)
@@ -674,11 +711,28 @@ def _uncaptured(exc):
 def traced_call(out, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                 scale=None, enable_gqa=False):
     """What dynamo traces in place of the seam's capture: one call of the operator."""
+    kind = "sdpa"  # noqa: F841 - read by _note_site at compile time
     _comptime(_note_site)
     site = _take_constant_site()
     if site:
         tensors = [query, key, value] if attn_mask is None else [query, key, value, attn_mask]
         _call_op(tensors, site)
+
+
+def traced_flex_call(out, query, key, value, score_mod=None, block_mask=None, scale=None,
+                     enable_gqa=False):
+    """What dynamo traces in place of flex attention's capture: its maps, and the operator.
+
+    The maps are computed in the graph (``flex.probabilities``, which dynamo
+    traces with the call's ``score_mod`` and mask), all of them: ``score_mod``
+    may read tensors that only the graph holds.
+    """
+    kind = "flex_attention"  # noqa: F841 - read by _note_site at compile time
+    _comptime(_note_site)
+    site = _take_constant_site()
+    if site:
+        call = _flex.FlexCall(query, key, value, score_mod, block_mask, scale, enable_gqa)
+        _call_op([query, key, value, _flex.probabilities(call)], site)
 
 
 def deliver_call(number, tensors):
@@ -708,20 +762,29 @@ def deliver_call(number, tensors):
             "For relevance, capture from the eager model.", CaptureWarning, stacklevel=2)
 
 
-_take_constant_site = _comptime = _call_op = None
+_take_constant_site = _comptime = _call_op = _flex = None
 _TRACED_CODES = frozenset()
 
 
 def _prepare_traced_call():
     """Make the seam call ``traced_call`` while dynamo traces it (once; False if it cannot)."""
-    global _take_constant_site, _comptime, _call_op, _TRACED_CODES
+    global _take_constant_site, _comptime, _call_op, _TRACED_CODES, _flex
     if _call_op is not None:
         return True
     support = _compile_support()
     if not support:
         return False
+    from . import flex
+
     _take_constant_site = sys.modules["torch"]._dynamo.assume_constant_result(_take_site)
     _comptime, _call_op = support.comptime, support.call_op
-    _TRACED_CODES = frozenset((traced_call.__code__, kernel.scaled_dot_product_attention.__code__))
+    _TRACED_CODES = frozenset(
+        [traced_call.__code__, traced_flex_call.__code__,
+         kernel.scaled_dot_product_attention.__code__] + flex.wrapper_codes())
+    _flex = flex
     kernel.trace_with(traced_call)
+    flex.trace_with(traced_flex_call)
     return True
+
+
+

@@ -33,8 +33,10 @@ changes the kernel that inductor compiles.
 Calls are captured in the layout ``(batch, heads, queries, keys)`` under
 the ``__qualname__`` of the nearest ``nn.Module`` method on the stack
 (``'LlamaAttention.forward'``), or ``'flex_attention'`` outside any module.
-Inside a ``torch.compile``d graph nothing is captured (the wrapper passes
-through); ``integrations.compile`` warns once when dynamo traces it.
+Inside a ``torch.compile``d graph the wrappers capture too: the graph
+computes the probabilities as above beside the kernel (all of them: the
+selections and reductions of the capture apply at run time) and hands them
+to visualizer through ``integrations.compile``'s operator.
 """
 import math
 import sys
@@ -44,7 +46,7 @@ from . import kernel
 
 __all__ = ["NAME", "FlexCall", "capture", "compile_friendly_flex_attention",
            "compiled_flex_attention", "flex_attention",
-           "install", "probabilities", "COMPILED_MESSAGE"]
+           "install", "probabilities", "trace_with", "wrapper_codes", "COMPILED_MESSAGE"]
 
 NAME = "flex_attention"
 TORCH_MODULE = "torch.nn.attention.flex_attention"
@@ -152,7 +154,7 @@ def _probabilities(torch, call, queries, heads):
             allowed = _vmap_for_bhqkv(mask_mod, prefix=())(b, h, m, n)
             scores = torch.where(allowed, scores, torch.tensor(-math.inf, dtype=scores.dtype,
                                                                device=device))
-    return torch._safe_softmax(scores, -1).to(dtype)
+    return torch.ops.aten._safe_softmax(scores, -1).to(dtype)  # (dynamo traces the op)
 
 
 def capture(frame, out, query, key, value, score_mod=None, block_mask=None, scale=None,
@@ -182,16 +184,41 @@ def flex_attention(query, key, value, *args, **kwargs):
     (that function computes it); see ``visualizer.integrations.flex``.
     """
     out = _TORCH.original(query, key, value, *args, **kwargs)
-    if kernel.compiling() or not kernel.serving():
+    if kernel.compiling():
+        return _traced_arguments(out, query, key, value, args, kwargs)
+    if not kernel.serving():
         return out
     return _capture_arguments(sys._getframe(1), out, query, key, value, args, kwargs)
 
 
-def _capture_arguments(frame, out, query, key, value, args, kwargs):
+def _named(args, kwargs):
     named = dict(zip(_POSITIONAL, args))
     named.update(kwargs)
+    return named
+
+
+def _capture_arguments(frame, out, query, key, value, args, kwargs):
+    named = _named(args, kwargs)
     return capture(frame, out, query, key, value, named.get("score_mod"),
                    named.get("block_mask"), named.get("scale"), named.get("enable_gqa", False))
+
+
+_traced = None  # what dynamo traces in place of a capture (``integrations.compile``)
+
+
+def trace_with(function):
+    """Have the wrappers call ``function(out, query, key, value, score_mod, block_mask, scale,
+    enable_gqa)`` while dynamo traces them (``integrations.compile.traced_flex_call``)."""
+    global _traced
+    _traced = function
+
+
+def _traced_arguments(out, query, key, value, args, kwargs):
+    if _traced is not None and not kernel.exporting():
+        named = _named(args, kwargs)
+        _traced(out, query, key, value, named.get("score_mod"), named.get("block_mask"),
+                named.get("scale"), named.get("enable_gqa", False))
+    return out
 
 
 def compiled_flex_attention(compiled):
@@ -204,7 +231,9 @@ def compiled_flex_attention(compiled):
     """
     def flex_attention_compiled(query, key, value, *args, **kwargs):
         out = compiled(query, key, value, *args, **kwargs)
-        if kernel.compiling() or not kernel.serving():
+        if kernel.compiling():
+            return _traced_arguments(out, query, key, value, args, kwargs)
+        if not kernel.serving():
             return out
         return _capture_arguments(sys._getframe(1), out, query, key, value, args, kwargs)
 
@@ -221,7 +250,9 @@ def compile_friendly_flex_attention(query, key, value, training=False, **kwargs)
     exactly what it returns.
     """
     out = _TRANSFORMERS.original(query, key, value, training=training, **kwargs)
-    if kernel.compiling() or not kernel.serving():
+    if kernel.compiling():
+        return _traced_arguments(out, query, key, value, (), kwargs)
+    if not kernel.serving():
         return out
     return capture(sys._getframe(1), out, query, key, value, kwargs.get("score_mod"),
                    kwargs.get("block_mask"), kwargs.get("scale"), kwargs.get("enable_gqa", False))
@@ -234,6 +265,12 @@ _TORCH = kernel.Patch(TORCH_MODULE, NAME, flex_attention, skip=(TRANSFORMERS_MOD
 _TRANSFORMERS = kernel.Patch(TRANSFORMERS_MODULE, "compile_friendly_flex_attention",
                              compile_friendly_flex_attention)
 _installed = []
+
+
+def wrapper_codes():
+    """The code objects of the wrappers (frames the search for the calling module skips)."""
+    return [flex_attention.__code__, compile_friendly_flex_attention.__code__,
+            compiled_flex_attention(None).__code__, _traced_arguments.__code__]
 
 
 def install():

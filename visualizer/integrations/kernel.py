@@ -51,7 +51,7 @@ from .._state import Extension
 from ._common import Preset, head_count, warn_unsplit
 
 __all__ = ["Seam", "install", "uninstall", "adapter", "Call", "Patch", "also_patch", "deliver",
-           "deliver_traced", "trace_with", "states", "report", "code_info",
+           "deliver_traced", "trace_with", "states", "report", "code_info", "Computed", "exporting",
            "probabilities", "reduced",
            "reduce_map", "calls_seen", "compiling", "leaf_probabilities", "map_gradient", "join",
            "PRESET"]
@@ -107,6 +107,49 @@ class Call:
     def reduced(self, reduce, queries=None, heads=None, grad=False, running=None, owner=None):
         """A reduction of this call's probabilities, never computed in full (see ``reduced``)."""
         return reduced(self, reduce, queries, heads, grad, running, owner)
+
+
+class Computed:
+    """A call whose full probabilities were computed already (inside a compiled graph).
+
+    ``integrations.compile`` gives flex attention's calls of a compiled graph
+    this way: the graph computes the maps beside the kernel.  The same
+    interface as ``Call``; selections are slices of ``probs``.
+    """
+
+    __slots__ = ("query", "key", "value", "probs", "name")
+    attn_mask = None
+
+    def __init__(self, query, key, value, probs, name):
+        self.query = query
+        self.key = key
+        self.value = value
+        self.probs = probs
+        self.name = name
+
+    def probabilities(self, queries=None, heads=None, grad=False):
+        """The probabilities of the rows ``queries`` and the heads ``heads`` (all by default)."""
+        torch = sys.modules["torch"]
+        probs = self.probs if grad else self.probs.detach()
+        for selection, axis, what in ((heads, -3, "heads"), (queries, -2, "queries")):
+            if selection is not None:
+                picked = attention.positions(selection, probs.shape[axis], what)
+                if picked != list(range(probs.shape[axis])):
+                    probs = probs.index_select(axis, torch.tensor(picked, device=probs.device))
+        return probs
+
+    def leaf_probabilities(self, queries=None, heads=None):
+        """The probabilities as a leaf (see ``leaf_probabilities``)."""
+        maps = self.probabilities(queries, heads)
+        if sys.modules["torch"].is_grad_enabled() and maps.is_floating_point():
+            maps.requires_grad_(True)
+        return maps
+
+    def reduced(self, reduce, queries=None, heads=None, grad=False, running=None, owner=None):
+        """A reduction of the probabilities (see ``reduced``)."""
+        return attention.reduce_rows(lambda rows: self.probabilities(rows, heads, grad),
+                                     self.probs.shape[-2], self.probs.shape[-1], reduce, queries,
+                                     running, owner, ROWS_PER_CHUNK, self.probs)
 
 
 def probabilities(call, queries=None, heads=None, grad=False):
@@ -419,7 +462,7 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
     """
     out = _original(query, key, value, *args, **kwargs)
     if compiling():
-        if _traced is not None and not _exporting():
+        if _traced is not None and not exporting():
             _traced(out, query, key, value, *args, **kwargs)
         return out
     if len(_states) and isinstance(out, _tensor_type()):  # not while torch.fx traces (Proxy)
@@ -468,7 +511,8 @@ def trace_with(function):
     _traced = function
 
 
-def _exporting():
+def exporting():
+    """Whether ``torch.export`` is tracing the code running now (nothing is captured there)."""
     compiler = getattr(sys.modules.get("torch"), "compiler", None)
     is_exporting = getattr(compiler, "is_exporting", None)
     return is_exporting is not None and is_exporting()

@@ -359,10 +359,12 @@ class GetLocal:
         state = self._state
         scoped = _stream.open_writer(stream, append) if stream is not None else _store.Cache()
         with state.lock:
-            saved = (state.active, state.cache, state.storage, state.calls_missed)
+            saved = (state.active, state.cache, state.storage, state.calls_missed,
+                     state.unreached, state.unreached_modules)
             state.cache = scoped
             state.storage = storage
             state.calls_missed = {}
+            state.unreached, state.unreached_modules = {}, {}
             state.set_active(True)
         failed = True
         try:
@@ -370,13 +372,15 @@ class GetLocal:
             failed = False
         finally:
             with state.lock:
-                missed = state.calls_missed
-                active, state.cache, state.storage, state.calls_missed = saved
+                missed, unreached, modules = (state.calls_missed, state.unreached,
+                                              state.unreached_modules)
+                (active, state.cache, state.storage, state.calls_missed, state.unreached,
+                 state.unreached_modules) = saved
                 state.set_active(active)
             if stream is not None:
                 scoped.close()
             if not failed:
-                state.report_silent(scoped, missed)
+                state.report_silent(scoped, missed, unreached, modules)
 
     def by_module(self, model, cache=None):
         """Regroup captures from the methods of ``model``'s modules by module name.

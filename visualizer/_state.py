@@ -497,6 +497,12 @@ class State:
         self.failed = set()
         self.keep_calls = False   # keep every attention call that no watched function takes
         self.calls_missed = {}    # (call's name, qualname) -> calls nothing took, this capture
+        # Attention run where capture cannot reach, counted by an extension this capture:
+        # (what, cause and fix) -> calls; and weakref(module) -> ((what, cause and fix),
+        # whether(module) computes attention), asked at the end only if nothing was captured.
+        self.unreached = {}
+        self.unreached_modules = {}
+        self.calls_taken = 0  # attention calls delivered to capture_call, ever
         self.supplied = threading.local()  # per thread: id(frame) -> (code, [probabilities])
         self.supplying = False
 
@@ -589,6 +595,7 @@ class State:
         Otherwise it returns None.
         """
         storage = self.storage
+        self.calls_taken += 1
         target = frame = None
         if owner is not None:
             target, frame, source = owner
@@ -671,8 +678,21 @@ class State:
             self.store(target, source, [probs if n == name else frame_locals[n]
                                         for n in target.names], frame)
 
-    def report_silent(self, cache, missed):
-        """Warn about what ran while capturing into ``cache`` but left nothing there."""
+    def report_silent(self, cache, missed, unreached=None, modules=None):
+        """Warn about what ran while capturing into ``cache`` but left nothing there.
+
+        ``unreached`` and ``modules``: what ``State.unreached`` and
+        ``State.unreached_modules`` held when the capture ended.
+        """
+        unreached = dict(unreached or {})
+        if modules and not any(len(values) for values in cache.values()):
+            for ref, (cause, computes) in modules.items():
+                module = ref()
+                if module is not None and computes(module):
+                    unreached[cause] = unreached.get(cause, 0) + 1
+        for (what, why), calls in sorted(unreached.items()):
+            warnings.warn("visualizer: no attention captured from {} ({} call{}): {}".format(
+                what, calls, "s" if calls > 1 else "", why), CaptureWarning, stacklevel=4)
         if missed:
             calls = sum(missed.values())
             what = ", ".join(sorted({name for name, _ in missed}))

@@ -1,0 +1,181 @@
+"""Attention that runs where capture cannot reach: counted while capturing, named at the end.
+
+The seam sees ``F.scaled_dot_product_attention`` and the presets see Python
+code; four ways of running a model leave both behind, and each passes one
+Python-level door that this module counts calls through, only while capture
+is on (off: every door is torch's own again, nothing is left in place):
+
+* **TorchScript** (``torch.jit.script``/``trace``): a ``ScriptModule`` runs its
+  graph in C++; the door is ``ScriptModule.__call__`` (the outermost module).
+* **An exported program** (``torch.export.export(model, ...).module()``): a
+  ``GraphModule`` calling ATen operators directly; the door is fx's
+  ``_WrappedCall.__call__``, through which every ``GraphModule`` call goes.
+* **A custom operator** (``torch.library.custom_op``, ``torch.ops.mylib.attn``):
+  the door is ``OpOverload.__call__`` and ``OpOverloadPacket.__call__``; only
+  operators outside torch's own namespaces whose name says attention count,
+  and only calls during which the seam took no call (a kernel written in
+  Python that calls ``F.scaled_dot_product_attention`` is captured there).
+* **xformers** (``xformers.ops.memory_efficient_attention``): never imported
+  here; when the user's code has imported ``xformers.ops``, its attention
+  functions are wrapped on that module (a reference taken before capture
+  started is not seen).
+
+A scripted or exported module counts only where its graph computes attention
+(a softmax or a fused attention kernel); that is read once per module, at
+the end of ``capture()``, and only when the capture holds nothing.  The end
+of ``capture()`` warns with the cause and the fix (``State.report_silent``).
+"""
+import sys
+import weakref
+
+from .._state import Extension
+
+__all__ = ["ATTENTION_WORDS", "Unreachable", "graph_computes_attention"]
+
+# Words in an operator's or a node's name that say it computes attention.
+ATTENTION_WORDS = ("attention", "attn", "sdpa", "softmax", "flash", "mha")
+# Namespaces of torch's own operators: the seam or a preset sees their callers.
+_TORCH_NAMESPACES = frozenset({"aten", "prims", "prim", "quantized", "_quant", "visualizer",
+                               "higher_order", "inductor", "profiler", "_c10d_functional",
+                               "c10d", "c10d_functional", "mkldnn", "onednn"})
+_XFORMERS = ("memory_efficient_attention", "memory_efficient_attention_forward",
+             "memory_efficient_attention_forward_requires_grad")
+
+TORCHSCRIPT = ("TorchScript", "a TorchScript module (torch.jit.script/trace) ran while capturing "
+               "and computes attention in C++, where nothing Python can be captured: capture "
+               "from the eager model (the module before torch.jit.script/trace).")
+EXPORTED = ("an exported program", "an exported program (torch.export.export(...).module()) "
+            "ran while capturing; it calls ATen's attention kernels directly, past the seam: "
+            "capture from the eager model you exported.")
+XFORMERS = ("xformers", "xformers.ops.memory_efficient_attention ran while capturing; "
+            "visualizer cannot see into xformers' kernels: run the model with PyTorch's "
+            "scaled_dot_product_attention (transformers: attn_implementation='sdpa'; diffusers: "
+            "pipe.disable_xformers_memory_efficient_attention()) while capturing.")
+
+
+def custom_op(name):
+    """The cause and fix for a custom operator ``name`` (``'mylib::attention'``)."""
+    return ("custom operator {}".format(name),
+            "the custom operator {} ran while capturing; its kernel is opaque to visualizer. "
+            "Capture from a Python function that computes the same attention (for a "
+            "torch.library.custom_op, the function it wraps), e.g. with F.scaled_dot_product_"
+            "attention, which the seam captures.".format(name))
+
+
+def _says_attention(name):
+    lowered = name.lower()
+    return any(word in lowered for word in ATTENTION_WORDS)
+
+
+def graph_computes_attention(module):
+    """Whether a scripted module's or a GraphModule's graph computes attention (or softmax)."""
+    graph = getattr(module, "graph", None)
+    try:
+        if hasattr(graph, "nodes") and not callable(graph.nodes):  # an fx graph
+            return any(_says_attention(str(node.target)) for node in graph.nodes)
+        text = str(module.inlined_graph)  # TorchScript: submodules inlined
+    except Exception:
+        return True  # cannot tell: say so rather than stay silent
+    return _says_attention(text)
+
+
+class Unreachable(Extension):
+    """Counts calls through the doors above while capture is on (see the module)."""
+
+    def __init__(self):
+        self.undo = []  # (owner, attribute, original) to put back when capture stops
+
+    def start(self, state):
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            self._torch(state, torch)
+        ops = sys.modules.get("xformers.ops")
+        if ops is not None:
+            self._xformers(state, [ops, sys.modules.get("xformers.ops.fmha")])
+
+    def stop(self, state):
+        while self.undo:
+            owner, attribute, original = self.undo.pop()
+            if original is None:  # inherited: the owner had none of its own
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
+
+    def _wrap(self, owner, attribute, make):
+        own = vars(owner).get(attribute)
+        original = own if own is not None else getattr(owner, attribute, None)
+        if original is None:
+            return
+        setattr(owner, attribute, make(original))
+        self.undo.append((owner, attribute, own))
+
+    def _torch(self, state, torch):
+        seen = weakref.WeakKeyDictionary()  # scripted and graph modules run: their cause
+
+        def door(cause):
+            def make(original):
+                def __call__(self, *args, **kwargs):
+                    try:
+                        module = args[0] if cause is EXPORTED else self
+                        if module not in seen:
+                            seen[module] = cause
+                            state.unreached_modules[weakref.ref(module)] = (
+                                cause, graph_computes_attention)
+                    except TypeError:
+                        pass
+                    return original(self, *args, **kwargs)
+                return __call__
+            return make
+
+        script = getattr(getattr(torch, "jit", None), "ScriptModule", None)
+        if script is not None:
+            self._wrap(script, "__call__", door(TORCHSCRIPT))
+        fx = sys.modules.get("torch.fx.graph_module")
+        if fx is not None and hasattr(fx, "_WrappedCall"):
+            self._wrap(fx._WrappedCall, "__call__", door(EXPORTED))
+        ops = sys.modules.get("torch._ops")
+        for name in ("OpOverload", "OpOverloadPacket"):
+            cls = getattr(ops, name, None)
+            if cls is not None:
+                self._wrap(cls, "__call__", self._op_door(state))
+
+    @staticmethod
+    def _op_door(state):
+        verdicts = {}  # qualified name -> the cause, or None: torch's own or not attention
+
+        def make(original):
+            def __call__(self, /, *args, **kwargs):
+                try:
+                    name = getattr(self, "_qualified_op_name", None) or self.name()
+                    cause = verdicts.get(name, False)
+                    if cause is False:
+                        namespace = name.split("::", 1)[0]
+                        cause = verdicts[name] = custom_op(name) if (
+                            namespace not in _TORCH_NAMESPACES and _says_attention(name)) \
+                            else None
+                except Exception:
+                    cause = None
+                if cause is None:
+                    return original(self, *args, **kwargs)
+                taken = state.calls_taken
+                result = original(self, *args, **kwargs)
+                if state.calls_taken == taken:  # a Python kernel calling the seam is seen
+                    state.unreached[cause] = state.unreached.get(cause, 0) + 1
+                return result
+            return __call__
+        return make
+
+    def _xformers(self, state, modules):
+        def make(original):
+            def counted(*args, **kwargs):
+                state.unreached[XFORMERS] = state.unreached.get(XFORMERS, 0) + 1
+                return original(*args, **kwargs)
+            counted.__wrapped__ = original
+            return counted
+
+        for module in modules:
+            if module is None:
+                continue
+            for name in _XFORMERS:
+                if callable(module.__dict__.get(name)):
+                    self._wrap(module, name, make)

@@ -71,7 +71,7 @@ def test_torchscript_and_exported_programs_warn_with_the_fix(seam):
     exported = torch.export.export(model, (x,)).module()
     for compiled, cause, fix in ((scripted, "TorchScript", "capture from the eager model"),
                                  (traced, "TorchScript", "before torch.jit.script/trace"),
-                                 (exported, "an exported program", "the eager model you exported")):
+                                 (exported, "an exported program or fx graph", "the eager model you exported")):
         plain, out, cache, said = run(seam, torch, compiled, x)
         assert torch.equal(out, plain) and not any(cache.values())
         assert len(said) == 1 and "no attention captured from {} (1 call)".format(cause) in \

@@ -7,9 +7,11 @@ is on (off: every door is torch's own again, nothing is left in place):
 
 * **TorchScript** (``torch.jit.script``/``trace``): a ``ScriptModule`` runs its
   graph in C++; the door is ``ScriptModule.__call__`` (the outermost module).
-* **An exported program** (``torch.export.export(model, ...).module()``): a
-  ``GraphModule`` calling ATen operators directly; the door is fx's
-  ``_WrappedCall.__call__``, through which every ``GraphModule`` call goes.
+* **An exported program** (``torch.export.export(model, ...).module()``) or
+  another fx graph (``torch.fx.symbolic_trace``): a ``GraphModule`` calling
+  ATen operators directly; the door is fx's ``_WrappedCall.__call__``, through
+  which every ``GraphModule`` call goes (torch.compile's own lazy graph
+  modules excepted: ``compile`` speaks for them).
 * **A custom operator** (``torch.library.custom_op``, ``torch.ops.mylib.attn``):
   the door is ``OpOverload.__call__`` and ``OpOverloadPacket.__call__``; only
   operators outside torch's own namespaces whose name says attention count,
@@ -44,9 +46,10 @@ _XFORMERS = ("memory_efficient_attention", "memory_efficient_attention_forward",
 TORCHSCRIPT = ("TorchScript", "a TorchScript module (torch.jit.script/trace) ran while capturing "
                "and computes attention in C++, where nothing Python can be captured: capture "
                "from the eager model (the module before torch.jit.script/trace).")
-EXPORTED = ("an exported program", "an exported program (torch.export.export(...).module()) "
-            "ran while capturing; it calls ATen's attention kernels directly, past the seam: "
-            "capture from the eager model you exported.")
+EXPORTED = ("an exported program or fx graph", "a torch.fx GraphModule (torch.export.export("
+            "model, ...).module(), torch.fx.symbolic_trace) ran while capturing; it calls "
+            "ATen's attention kernels directly, past the seam: capture from the eager model "
+            "you exported or traced.")
 XFORMERS = ("xformers", "xformers.ops.memory_efficient_attention ran while capturing; "
             "visualizer cannot see into xformers' kernels: run the model with PyTorch's "
             "scaled_dot_product_attention (transformers: attn_implementation='sdpa'; diffusers: "
@@ -112,12 +115,12 @@ class Unreachable(Extension):
     def _torch(self, state, torch):
         seen = weakref.WeakKeyDictionary()  # scripted and graph modules run: their cause
 
-        def door(cause):
+        def door(cause, skip=()):
             def make(original):
                 def __call__(self, *args, **kwargs):
                     try:
                         module = args[0] if cause is EXPORTED else self
-                        if module not in seen:
+                        if module not in seen and not isinstance(module, skip):
                             seen[module] = cause
                             state.unreached_modules[weakref.ref(module)] = (
                                 cause, graph_computes_attention)
@@ -132,7 +135,10 @@ class Unreachable(Extension):
             self._wrap(script, "__call__", door(TORCHSCRIPT))
         fx = sys.modules.get("torch.fx.graph_module")
         if fx is not None and hasattr(fx, "_WrappedCall"):
-            self._wrap(fx._WrappedCall, "__call__", door(EXPORTED))
+            # torch.compile's own graphs (dynamo, AOT) are lazy graph modules: the
+            # compile integration speaks for them.
+            lazy = getattr(sys.modules.get("torch.fx._lazy_graph_module"), "_LazyGraphModule", ())
+            self._wrap(fx._WrappedCall, "__call__", door(EXPORTED, skip=lazy))
         ops = sys.modules.get("torch._ops")
         for name in ("OpOverload", "OpOverloadPacket"):
             cls = getattr(ops, name, None)

@@ -137,3 +137,65 @@ def test_xformers_calls_are_counted_without_importing_it(seam, monkeypatch):
     assert torch.equal(out, plain) and len(calls) == 2
     assert len(said) == 1 and "xformers (1 call)" in said[0] and "sdpa" in said[0], said
     assert ops.memory_efficient_attention is memory_efficient_attention  # off: its own again
+
+
+def tiny_llama(transformers, implementation):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    return transformers.LlamaForCausalLM._from_config(
+        config, attn_implementation=implementation).eval()
+
+
+def test_transformers_kernels_the_seam_cannot_reach_warn_sdpa_ones_do_not(seam):
+    """A kernel registered in transformers' AttentionInterface that computes attention past the
+    seam (here ATen's operator called directly, as flash-attn's and hub kernels do) is named at
+    the end of capture(); one that calls torch's sdpa is captured and says nothing."""
+    torch = require("torch")
+    transformers = require("transformers")
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def opaque(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+        out = torch.ops.aten.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                          scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    def through_sdpa(*args, **kwargs):
+        return sdpa_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register("visualizer_test_opaque", opaque)
+    AttentionInterface.register("visualizer_test_sdpa", through_sdpa)
+    try:
+        tokens = torch.tensor([[1, 2, 3, 4, 5]])
+        torch.manual_seed(0)
+        model = tiny_llama(transformers, "visualizer_test_opaque")
+        plain, out, cache, said = run(seam, torch, model, tokens)
+        assert torch.equal(out.logits, plain.logits) and not any(cache.values())
+        assert len(said) == 1 and "attn_implementation='visualizer_test_opaque' (2 calls)" in \
+            said[0] and "attn_implementation='sdpa'" in said[0], said
+
+        model.set_attn_implementation("visualizer_test_sdpa")
+        plain, out, cache, said = run(seam, torch, model, tokens)
+        assert torch.equal(out.logits, plain.logits) and said == []
+        assert sum(len(v) for v in cache.values()) == 2  # one map per layer, at the seam
+    finally:
+        for key in ("visualizer_test_opaque", "visualizer_test_sdpa"):
+            AttentionInterface._global_mapping.pop(key, None)
+    assert "visualizer_test_opaque" not in AttentionInterface._global_mapping
+
+
+def test_flash_attention_where_it_cannot_run_is_refused_by_transformers_with_the_cause():
+    """No flash-attn on this machine (CPU): transformers refuses the model when it is built,
+    naming the missing package, so nothing runs to be captured in silence."""
+    require("torch")
+    transformers = require("transformers")
+    if any(m in sys.modules or __import__("importlib").util.find_spec(m)
+           for m in ("flash_attn", "flash_attn_interface")):
+        pytest.skip("flash-attn is installed here: the GPU check in README's flash-attn section")
+    for implementation, name in (("flash_attention_2", "FlashAttention2"),
+                                 ("flash_attention_3", "FlashAttention3")):
+        with pytest.raises(ImportError, match=name + ".*(not|doesn't).*installed"):
+            tiny_llama(transformers, implementation)

@@ -17,6 +17,13 @@ is on (off: every door is torch's own again, nothing is left in place):
   operators outside torch's own namespaces whose name says attention count,
   and only calls during which the seam took no call (a kernel written in
   Python that calls ``F.scaled_dot_product_attention`` is captured there).
+* **transformers' other attention functions** (``flash_attention_2/3/4``, a
+  hub kernel ``'kernels-community/...'``, one a user registers with
+  ``AttentionInterface.register``): each entry of ``ALL_ATTENTION_FUNCTIONS``
+  but sdpa, eager, flex and paged (captured at the seam, by the presets or by
+  their own integration) is wrapped in its table; a call during which the
+  seam took no call counts.  (Here rather than in ``transformers``: it is
+  the same door as the others; only the table is transformers'.)
 * **xformers** (``xformers.ops.memory_efficient_attention``): never imported
   here; when the user's code has imported ``xformers.ops``, its attention
   functions are wrapped on that module (a reference taken before capture
@@ -56,6 +63,33 @@ XFORMERS = ("xformers", "xformers.ops.memory_efficient_attention ran while captu
             "pipe.disable_xformers_memory_efficient_attention()) while capturing.")
 
 
+# transformers' attention functions reached without help from this module.
+_REACHED = frozenset({"sdpa", "eager", "flex_attention"})
+
+
+def transformers_kernel(key, function):
+    """The cause and fix for transformers' attention function registered as ``key``."""
+    return ("transformers attn_implementation={!r}".format(key),
+            "transformers ran its {!r} attention ({}) while capturing; that kernel (flash-attn, "
+            "a hub kernel or one you registered) gives back no probabilities visualizer can "
+            "reach: load or switch the model with attn_implementation='sdpa' while capturing "
+            "(model.set_attn_implementation('sdpa')); README 'flash-attn' says what is "
+            "planned.".format(key, getattr(function, "__qualname__", function)))
+
+
+class _Item:
+    """A dict's entry as an attribute, for the undo list."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __setattr__(self, name, value):
+        if name == "table":
+            object.__setattr__(self, name, value)
+        else:
+            self.table[name] = value
+
+
 def custom_op(name):
     """The cause and fix for a custom operator ``name`` (``'mylib::attention'``)."""
     return ("custom operator {}".format(name),
@@ -92,6 +126,10 @@ class Unreachable(Extension):
         torch = sys.modules.get("torch")
         if torch is not None:
             self._torch(state, torch)
+        utils = sys.modules.get("transformers.modeling_utils")
+        interface = getattr(utils, "AttentionInterface", None)
+        if isinstance(getattr(interface, "_global_mapping", None), dict):
+            self._transformers(state, interface._global_mapping)
         ops = sys.modules.get("xformers.ops")
         if ops is not None:
             self._xformers(state, [ops, sys.modules.get("xformers.ops.fmha")])
@@ -170,6 +208,22 @@ class Unreachable(Extension):
                 return result
             return __call__
         return make
+
+    def _transformers(self, state, table):
+        for key, function in list(table.items()):
+            if key in _REACHED or key.startswith("paged|") or not callable(function):
+                continue
+            cause = transformers_kernel(key, function)
+
+            def counted(*args, __original=function, __cause=cause, **kwargs):
+                taken = state.calls_taken
+                result = __original(*args, **kwargs)
+                if state.calls_taken == taken:  # one that calls torch's sdpa is seen
+                    state.unreached[__cause] = state.unreached.get(__cause, 0) + 1
+                return result
+            counted.__wrapped__ = function
+            table[key] = counted
+            self.undo.append((_Item(table), key, function))
 
     def _xformers(self, state, modules):
         def make(original):

@@ -354,6 +354,67 @@ def test_timm_classes_report_every_softmax_they_store_until_the_user_names_a_var
         np.testing.assert_array_equal(got, expected)
 
 
+def test_timm_maps_applied_to_the_values_beside_their_softmaxes(presets):
+    """ConViT gates two softmaxes and CaiT mixes heads after its softmax: the map that
+    multiplies the values is kept under '<qualname>.applied' (by_module: '<module>.applied'),
+    the softmaxes under the function's own key. The reference is timm's own AttentionExtract
+    (forward hooks on attn_drop, which every such map passes through last); ConViT's parts are
+    checked against softmaxes computed by hand from the module's weights."""
+    torch = require("torch")
+    timm = require("timm")
+    np = require("numpy")
+    from timm.utils import AttentionExtract
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    for name, gated, applied in (("convit_tiny", "GPSA", "GPSA.forward.applied"),
+                                 ("cait_xxs24_224", "TalkingHeadAttn",
+                                  "TalkingHeadAttn.forward.applied")):
+        model = timm.create_model(name, pretrained=False,
+                                  **({"depth": 2} if "cait" in name else {})).eval()
+        with torch.no_grad():
+            plain = model(x)
+            with presets.capture() as cache:
+                out = model(x)
+            reference = AttentionExtract(model, method="hook")(x)
+        assert torch.equal(out, plain), name
+        captured = presets.by_module(model, cache)
+        modules = [n for n, m in model.named_modules() if type(m).__name__ == gated]
+        assert len(modules) == len(cache[applied]) >= 2, name
+        for module_name in modules:
+            key = module_name + (".forward.applied" if gated == "GPSA" else ".applied")
+            assert len(captured[key]) == 1, (name, key)
+            np.testing.assert_array_equal(captured[key][0],
+                                          reference[module_name + ".attn_drop"].numpy())
+        if gated == "TalkingHeadAttn":  # its softmax, before the mix, under its own key
+            assert [len(captured[m]) for m in modules] == [1] * len(modules)
+            assert not np.allclose(captured[modules[0]][0], captured[modules[0] + ".applied"][0])
+            continue
+        # ConViT's parts: the patch softmax and the positional softmax, in that order
+        module = model.get_submodule(modules[0])
+        parts = captured[modules[0] + ".get_attention"]
+        assert len(parts) == 2 and len(cache["GPSA.get_attention"]) == 2 * len(modules)
+        with torch.no_grad():
+            seen = {}
+            hook = module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+            model(x)
+            hook.remove()
+            inp = seen["x"]
+            B, N, C = inp.shape
+            qk = module.qk(inp).reshape(B, N, 2, module.num_heads, C // module.num_heads)
+            q, k = qk.permute(2, 0, 3, 1, 4)
+            patch = torch.softmax(q @ k.transpose(-2, -1) * module.scale, dim=-1)
+            pos = torch.softmax(module.pos_proj(module.rel_indices.expand(B, -1, -1, -1))
+                                .permute(0, 3, 1, 2), dim=-1)
+            gate = torch.sigmoid(module.gating_param.view(1, -1, 1, 1))
+            mixed = (1 - gate) * patch + gate * pos
+            mixed = mixed / mixed.sum(-1, keepdim=True)
+        np.testing.assert_allclose(parts[0], patch.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(parts[1], pos.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(captured[modules[0] + ".forward.applied"][0], mixed.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_eager_models_are_captured_from_their_eager_function(presets):
     torch = require("torch")
     transformers = require("transformers")

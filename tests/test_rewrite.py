@@ -656,3 +656,133 @@ def test_collecting_under_exceptions_and_refusing_a_taken_name():
     assert _collected(guarded, _Probs(1), True) == (None, [[_Probs(("softmax", 1))]])
     with pytest.raises(ValueError, match="already a local"):
         collecting(guarded.__code__, "attn", is_softmax)
+
+
+class _Map:
+    """A stand-in tensor that remembers how it was made: ``@``, ``*``, ``+``, softmax, mix."""
+
+    def __init__(self, how):
+        self.how = how
+
+    def __eq__(self, other):
+        return isinstance(other, _Map) and self.how == other.how
+
+    def __repr__(self):
+        return "_Map({!r})".format(self.how)
+
+    def __matmul__(self, other):
+        return _Map(("@", self.how, getattr(other, "how", other)))
+
+    def __mul__(self, other):
+        return _Map(("*", self.how, getattr(other, "how", other)))
+
+    __rmul__ = __mul__
+
+    def __add__(self, other):
+        return _Map(("+", self.how, getattr(other, "how", other)))
+
+    def softmax(self, dim):
+        return _Map(("softmax", self.how))
+
+    def permute(self, *axes):
+        return _Map(("permute", self.how))
+
+
+class _Module:
+    """What an attention module calls: dropout keeps a map; a projection mixes it."""
+
+    def attn_drop(self, x):
+        return x
+
+    def proj_w(self, x):
+        return _Map(("proj_w", x.how))
+
+    def get_attention(self, q, k):  # ConViT's shape: returns a gated mix of two softmaxes
+        patch = (q @ k).softmax(-1)
+        pos = k.softmax(-1)
+        attn = 0.5 * patch + 0.5 * pos
+        return attn
+
+
+def _applied(function, *args, mixes=None):
+    """Run ``function`` rewritten by ``collecting`` with ``applied``: (result, stored, applied)."""
+    from visualizer._rewrite import collecting, rewrite
+    from visualizer.integrations import is_softmax
+
+    seen = []
+    code = rewrite(collecting(function.__code__, "maps", is_softmax, "mixed", mixes),
+                   ("mixed", "maps"), lambda *values: seen.append(values), seen.append)
+    copy = types.FunctionType(code, function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    result = copy(*args)
+    assert len(seen) == 1 and len(seen[0]) == 2, seen
+    return result, seen[0][1], seen[0][0]
+
+
+def test_applied_maps_finds_the_mixed_map_that_multiplies_the_values():
+    from visualizer._rewrite import MIXED, applied_maps, returned_map
+    from visualizer.integrations import is_softmax
+
+    def plain(self, q, k, v):  # timm's Attention: the softmax, through dropout, @ v
+        attn = (q @ k).softmax(-1)
+        attn = self.attn_drop(attn)
+        x = attn @ v
+        return x
+
+    def talking_heads(self, q, k, v):  # CaiT: a projection across heads after the softmax
+        attn = (q @ k).softmax(-1)
+        attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attn = self.attn_drop(attn)
+        x = (attn @ v).permute(0, 2, 1)
+        y = x @ v  # the output times something: not a map
+        return y
+
+    def gated(self, q, k, v):  # ConViT's forward: the map comes from a sibling method
+        attn = self.get_attention(q, k)
+        return attn @ v
+
+    def as_matmul(self, q, k, v, torch):
+        attn = (q @ k).softmax(-1) * 2  # stored from the softmax: the softmax's key has it
+        attn = attn * 2
+        return torch.matmul(attn, v)
+
+    module = _Module()
+    assert applied_maps(plain.__code__, is_softmax) == []
+    assert applied_maps(talking_heads.__code__, is_softmax) == ["attn"]
+    assert applied_maps(gated.__code__, is_softmax) == []  # what get_attention returns: unknown
+    assert returned_map(_Module.get_attention.__code__, is_softmax) == MIXED
+    assert applied_maps(gated.__code__, is_softmax, {"get_attention": MIXED}) == ["attn"]
+    assert applied_maps(as_matmul.__code__, is_softmax) == ["attn"]
+
+    q, k, v = _Map("q"), _Map("k"), _Map("v")
+    result, stored, applied = _applied(talking_heads, module, q, k, v)
+    softmax = ("softmax", ("@", "q", "k"))
+    mixed = ("permute", ("proj_w", ("permute", softmax)))
+    assert result == _Map(("@", ("permute", ("@", mixed, "v")), "v"))
+    assert stored == [_Map(softmax)] and applied == [_Map(mixed)]
+
+    result, stored, applied = _applied(gated, module, q, k, v, mixes={"get_attention": MIXED})
+    gate = ("+", ("*", softmax, 0.5), ("*", ("softmax", "k"), 0.5))
+    assert result == _Map(("@", gate, "v")) and stored == [] and applied == [_Map(gate)]
+
+    import types as torch  # anything with a matmul
+    torch.matmul = lambda a, b: a @ b
+    result, stored, applied = _applied(as_matmul, module, q, k, v, torch)
+    assert stored == [_Map(("*", softmax, 2))]
+    assert applied == [_Map(("*", ("*", softmax, 2), 2))]
+    del torch.matmul
+
+
+def test_applied_maps_in_a_loop_keeps_each_map_as_the_product_took_it():
+    def per_head(self, heads, v):
+        outs = []
+        for head in heads:
+            attn = head.softmax(-1)
+            attn = attn * 2  # mixed
+            outs.append(attn @ v)
+            attn = attn * 3  # changed after the product: not what @ took
+        return outs
+
+    result, stored, applied = _applied(per_head, _Module(), [_Map(1), _Map(2)], _Map("v"))
+    assert stored == [_Map(("softmax", 1)), _Map(("softmax", 2))]
+    assert applied == [_Map(("*", ("softmax", 1), 2)), _Map(("*", ("softmax", 2), 2))]

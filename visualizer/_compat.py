@@ -111,6 +111,44 @@ def stored_names(name, arg):
     return ()
 
 
+# Instructions that push locals (3.12: LOAD_FAST_CHECK; 3.13: LOAD_FAST_LOAD_FAST;
+# 3.14: the borrowing forms, python/cpython#130704); see ``loaded_names``.
+LOAD_OPS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_DEREF"})
+LOAD_BOTH_OPS = frozenset({"LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW"})
+
+
+def loaded_names(name, arg):
+    """Return the locals an instruction pushes, in the order pushed (empty for most)."""
+    if name in LOAD_OPS:
+        return (_plain(arg),)
+    if name in LOAD_BOTH_OPS:
+        return (_plain(arg[0]), _plain(arg[1]))
+    if name in STORE_FIRST_OPS:
+        return (_plain(arg[1]),)
+    return ()
+
+
+# Pushes a local that may be unbound, raising UnboundLocalError then (3.12+; before
+# 3.12 plain LOAD_FAST checked).
+CHECKED_LOAD = "LOAD_FAST_CHECK" if PY312 else "LOAD_FAST"
+
+# ``a @ b``: its own instruction before 3.11, ``BINARY_OP`` with NB_MATRIX_MULTIPLY (4) since.
+_MATMUL_OP = 4
+
+
+def is_matmul(name, arg):
+    """Whether an instruction computes ``a @ b`` (not ``a @= b``)."""
+    if name == "BINARY_MATRIX_MULTIPLY":
+        return True
+    return name == "BINARY_OP" and int(arg) == _MATMUL_OP
+
+
+def is_arithmetic(name, arg):
+    """Whether an instruction is a binary or in-place operator other than indexing."""
+    return name.startswith(("BINARY_", "INPLACE_")) and name not in ("BINARY_SUBSCR",
+                                                                      "BINARY_SLICE")
+
+
 def unbound_name(name, arg):
     """Return the local an instruction may unbind, or None."""
     if name in UNBIND_OPS:

@@ -89,13 +89,15 @@ class GetLocal:
         return self._watch(target, names, source, overrides)
 
     def _watch(self, target, names, source=None, overrides=None, explicit=True,
-               attention=False, collect=None, shape=None):
+               attention=False, collect=None, shape=None, mixes=None):
         """``watch``, also for presets: ``explicit=False`` marks a preset's target,
         ``attention=True`` one whose values are attention maps, ``collect`` (a
         predicate of loaded names, such as ``integrations.is_softmax``) one that
         reports every result of such a call it stores (``_state.Target.collecting``),
         ``shape`` (``shape(value, source, frame)``) the layout a preset's values
-        are stored in (``_state.State.shaped``)."""
+        are stored in (``_state.State.shaped``), ``mixes`` what the calls it makes
+        return, so that the mixed maps it multiplies with the values are captured
+        too (``_rewrite.applied_maps``; key ``'<qualname>.applied'``)."""
         if overrides is not None and not isinstance(overrides, dict):
             raise VisualizerTypeError(
                 "overrides must be a dict from attribute name to value, got {!r}".format(
@@ -116,7 +118,7 @@ class GetLocal:
                 "watch: source {!r} is not an argument of {}; its arguments are: {}".format(
                     source, function.__qualname__, ", ".join(arguments)))
         target = self._state.register(function, names, source, overrides, explicit, attention,
-                                      collect, shape)
+                                      collect, shape, mixes)
         if explicit and names:
             target.watched = True  # reported if a capture() block ends without a call
         return function
@@ -357,10 +359,12 @@ class GetLocal:
         state = self._state
         scoped = _stream.open_writer(stream, append) if stream is not None else _store.Cache()
         with state.lock:
-            saved = (state.active, state.cache, state.storage, state.calls_missed)
+            saved = (state.active, state.cache, state.storage, state.calls_missed,
+                     state.unreached, state.unreached_modules)
             state.cache = scoped
             state.storage = storage
             state.calls_missed = {}
+            state.unreached, state.unreached_modules = {}, {}
             state.set_active(True)
         failed = True
         try:
@@ -368,13 +372,15 @@ class GetLocal:
             failed = False
         finally:
             with state.lock:
-                missed = state.calls_missed
-                active, state.cache, state.storage, state.calls_missed = saved
+                missed, unreached, modules = (state.calls_missed, state.unreached,
+                                              state.unreached_modules)
+                (active, state.cache, state.storage, state.calls_missed, state.unreached,
+                 state.unreached_modules) = saved
                 state.set_active(active)
             if stream is not None:
                 scoped.close()
             if not failed:
-                state.report_silent(scoped, missed)
+                state.report_silent(scoped, missed, unreached, modules)
 
     def by_module(self, model, cache=None):
         """Regroup captures from the methods of ``model``'s modules by module name.
@@ -465,6 +471,9 @@ def _name_by_module(found, state):
     for target in list(state.targets.values()):
         for key, name in zip(target.keys, target.names):
             key_info[key] = (target.qualname.rsplit(".", 1)[-1], name, len(target.names) > 1)
+        if target.applied is not None:  # 'blocks.0.attn.applied' beside 'blocks.0.attn'
+            key_info[target.applied.keys[0]] = (target.qualname.rsplit(".", 1)[-1],
+                                                target.applied.SUFFIX, True)
     per_module = {}
     for module_name, key in found:
         per_module.setdefault(module_name, set()).add(

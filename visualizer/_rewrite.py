@@ -107,7 +107,182 @@ def _stores_after(items, marks):
             pending = False  # else stored elsewhere: an attribute, not a local
 
 
-def collecting(code, hidden, marks):
+# What a local holds, as far as the bytecode tells (see ``_map_flow``).
+SOFTMAX = "softmax"  # the result of a marked call, or that result through dropout or a cast
+MIXED = "mixed"      # computed from such results otherwise: gated, mixed across heads, ...
+# Calls that keep a softmax the softmax it was (a dtype cast, a copy).
+_KEEPING = frozenset({"to", "type_as", "contiguous", "float", "half", "bfloat16", "type",
+                      "clone", "detach"})
+_MATMUL_CALLS = frozenset({"matmul", "bmm"})
+
+
+def applied_maps(code, marks, mixes=None):
+    """Return the locals ``code`` multiplies with values while they hold a map of its own making.
+
+    A local holds a softmax when it stores the result of a marked call
+    (``marks(name)``, as in ``stored_after``), or such a local through
+    dropout or a cast; it holds a *mixed* map when it is computed from one
+    otherwise (ConViT's gated sum of two softmaxes, a talking-heads
+    projection after the softmax), or stores the result of a call named in
+    ``mixes`` (``{method name: SOFTMAX or MIXED}``: what a sibling method
+    returns, see ``returned_map``).  Found is every mixed local that is the
+    left operand of ``@`` (or the first argument of ``matmul``/``bmm``): the
+    map that multiplies the values where it is not a stored softmax.  Read
+    in instruction order, branches merged: a map mixed on any path counts.
+
+    >>> def f(q, k, v, w):
+    ...     a = (q @ k).softmax(-1)
+    ...     a = a * w
+    ...     return a @ v
+    >>> applied_maps(f.__code__, lambda name: name == 'softmax')
+    ['a']
+    """
+    names = []
+    for loaded in _map_flow(list(_read(code)), marks, mixes or {})[0].values():
+        for name in loaded:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def returned_map(code, marks, mixes=None):
+    """Return ``MIXED``, ``SOFTMAX`` or None: what ``code`` returns, read as ``applied_maps`` reads.
+
+    ``MIXED`` if some ``return`` returns a mixed map, else ``SOFTMAX`` if
+    one returns a softmax (ConViT's ``GPSA.get_attention`` returns its gated
+    map: ``MIXED``).
+    """
+    returned = _map_flow(list(_read(code)), marks, mixes or {})[1]
+    return MIXED if MIXED in returned else SOFTMAX if SOFTMAX in returned else None
+
+
+class _Segment:
+    """What the instructions since the last store loaded: one expression, roughly."""
+
+    __slots__ = ("marked", "called", "sources", "other", "arithmetic", "dropout", "matmul")
+
+    def __init__(self):
+        self.marked = self.dropout = self.other = self.arithmetic = self.matmul = False
+        self.called = None
+        self.sources = set()
+
+    def result(self):
+        if self.marked:
+            return SOFTMAX
+        if self.matmul:
+            return None  # a map times the values: the output, no map
+        if self.called is not None:
+            return self.called
+        if not self.sources:
+            return None
+        source = MIXED if MIXED in self.sources else SOFTMAX
+        keeps = not self.arithmetic and (self.dropout or not self.other)
+        return source if keeps else MIXED
+
+
+def _map_flow(items, marks, mixes):
+    """``({index: locals to report before items[index]}, {states returned})`` (``applied_maps``)."""
+    state = {}
+    segment = _Segment()
+    sites = {}
+    returned = set()
+    pushed = {}  # index -> ((local, its state then), ...) for every load of a local
+    previous = None
+    for index, instr in enumerate(items):
+        if not isinstance(instr, Instr):
+            continue
+        name, arg = instr.name, instr.arg
+        if name in _compat.RETURN_OPS:
+            if name == "RETURN_VALUE" and previous is not None and len(pushed.get(previous, ())) == 1:
+                returned.add(pushed[previous][0][1])
+            segment = _Segment()
+            previous = index
+            continue
+        loaded = arg[-1] if isinstance(arg, tuple) and arg and isinstance(arg[-1], str) else arg
+        if name.startswith(("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL")) and isinstance(loaded, str):
+            if marks(loaded):
+                segment.marked = True
+            elif loaded in mixes:
+                segment.called = mixes[loaded]
+            elif "drop" in loaded.lower():
+                segment.dropout = True
+            elif loaded not in _KEEPING:
+                segment.other = True
+            if loaded in _MATMUL_CALLS:
+                segment.matmul = True
+                _matmul_call_site(items, index, state, sites)
+        stored = _compat.stored_names(name, arg)
+        if stored:
+            result = segment.result()
+            for local in stored:
+                if result is None:
+                    state.pop(local, None)
+                else:
+                    state[local] = result
+            segment = _Segment()
+        elif name.startswith("STORE_") or name == "POP_TOP":
+            segment = _Segment()
+        locals_ = _compat.loaded_names(name, arg)
+        if locals_:
+            pushed[index] = tuple((local, state.get(local)) for local in locals_)
+            segment.sources.update(state[local] for local in locals_ if local in state)
+        if _compat.is_matmul(name, arg):
+            segment.matmul = True
+            _matmul_site(items, index, pushed, sites)
+        elif _compat.is_arithmetic(name, arg):
+            segment.arithmetic = True
+        previous = index
+    return sites, returned
+
+
+def _matmul_site(items, at, pushed, sites):
+    """Note the mixed local that is the left operand of the ``@`` at ``items[at]``, if one is."""
+    for start in range(at - 1, max(-1, at - 64), -1):
+        item = items[start]
+        if isinstance(item, Label):
+            return  # a jump lands inside the operands: too clever to follow
+        for position in range(len(pushed.get(start, ())) - 1, -1, -1):
+            local, held = pushed[start][position]
+            depth = len(pushed[start]) - position  # it and what the same instruction pushed after it
+            if _operand_depth(items, start + 1, at, depth) == 2:
+                if held == MIXED:
+                    sites.setdefault(start, []).append(local)
+                return
+
+
+def _operand_depth(items, start, stop, depth):
+    """The stack depth after ``items[start:stop]``, from ``depth``, or None where it dips below 1."""
+    for item in items[start:stop]:
+        if not isinstance(item, Instr):
+            if isinstance(item, Label):
+                return None
+            continue
+        if item.has_jump():
+            return None
+        try:
+            pre, post = item.pre_and_post_stack_effect()
+        except Exception:
+            return None
+        depth += pre
+        if depth < 1:
+            return None
+        depth += post
+    return depth
+
+
+def _matmul_call_site(items, at, state, sites):
+    """Note a mixed local passed first to ``matmul``/``bmm`` loaded at ``items[at]``."""
+    for index in range(at + 1, min(len(items), at + 3)):
+        item = items[index]
+        if not isinstance(item, Instr) or item.name == "PUSH_NULL":
+            continue
+        locals_ = _compat.loaded_names(item.name, item.arg)
+        if locals_ and state.get(locals_[0]) == MIXED and item.name not in _compat.STORE_FIRST_OPS:
+            sites.setdefault(index, []).append(locals_[0])
+        return
+
+
+def collecting(code, hidden, marks, applied=None, mixes=None):
     """Return a copy of ``code`` that appends every result of a marked call it stores to a list local.
 
     The new local ``hidden`` is bound to an empty list where the function
@@ -116,41 +291,64 @@ def collecting(code, hidden, marks):
     a value later changed is kept as it was stored.  Pure bytecode, no call:
     ``LOAD_FAST hidden; LOAD_FAST name; LIST_APPEND 1; POP_TOP``.  Rewrite the
     result with ``hidden`` as the name to report.
+
+    With ``applied``, a second new list local of that name gets, as each
+    ``@`` runs, the mixed map it multiplies with the values (every site
+    ``applied_maps(code, marks, mixes)`` finds); report both names.
     """
     bc = _read(code)
     items = list(bc)
-    if hidden in local_names(code):
-        raise ValueError("{} is already a local of {}".format(hidden, code.co_name))
+    for name in (hidden, applied):
+        if name is not None and name in local_names(code):
+            raise ValueError("{} is already a local of {}".format(name, code.co_name))
     sites = dict(_stores_after(items, marks))
+    loads = _map_flow(items, marks, mixes or {})[0] if applied is not None else {}
     cells, frees = set(code.co_cellvars), set(code.co_freevars)
     start = next((k + 1 for k, i in enumerate(items)
                   if isinstance(i, Instr) and i.name == "RESUME"), 0)
     first = next((i for i in items if isinstance(i, Instr)), None)
     location = first.location if first is not None else None
+    lists = [hidden] + ([applied] if applied is not None else [])
+
+    def append(into, name, loc):
+        load = _load(name, cells, frees)
+        if load[0] == "LOAD_FAST":  # before the map's own load: it may be unbound there
+            load = (_compat.CHECKED_LOAD, name)
+        return [Instr("LOAD_FAST", into, location=loc), _instr(load[0], load[1], loc),
+                Instr("LIST_APPEND", 1, location=loc), Instr("POP_TOP", location=loc)]
+
     out = []
     for k, item in enumerate(items):
         if k == start:
-            out.append(Instr("BUILD_LIST", 0, location=location))
-            out.append(Instr("STORE_FAST", hidden, location=location))
-        if k not in sites:
+            for into in lists:
+                out.append(Instr("BUILD_LIST", 0, location=location))
+                out.append(Instr("STORE_FAST", into, location=location))
+        if k not in sites and k not in loads:
             out.append(item)
             continue
-        name, loc = sites[k], item.location
-        rest = []
+        loc = item.location
+        first, rest = item, []
         if item.name in _compat.STORE_FIRST_OPS:    # STORE_FAST_LOAD_FAST (3.13+)
-            item, rest = (Instr("STORE_FAST", item.arg[0], location=loc),
-                          [Instr("LOAD_FAST", item.arg[1], location=loc)])
+            first, rest = (Instr("STORE_FAST", item.arg[0], location=loc),
+                           [Instr("LOAD_FAST", item.arg[1], location=loc)])
         elif item.name in _compat.STORE_BOTH_OPS:   # STORE_FAST_STORE_FAST (3.13+)
-            item, rest = (Instr("STORE_FAST", item.arg[0], location=loc),
-                          [Instr("STORE_FAST", item.arg[1], location=loc)])
-        out.append(item)
-        load = _load(name, cells, frees)
-        out.extend([Instr("LOAD_FAST", hidden, location=loc), _instr(load[0], load[1], loc),
-                    Instr("LIST_APPEND", 1, location=loc), Instr("POP_TOP", location=loc)])
-        out.extend(rest)
+            first, rest = (Instr("STORE_FAST", item.arg[0], location=loc),
+                           [Instr("STORE_FAST", item.arg[1], location=loc)])
+        if _compat.stored_names(item.name, item.arg):
+            out.append(first)
+            if k in sites:
+                out.extend(append(hidden, sites[k], loc))
+            for name in loads.get(k, ()):  # the map then loaded for ``@``: as it is now
+                out.extend(append(applied, name, loc))
+            out.extend(rest)
+        else:  # a load of the map ``@`` multiplies with the values: append it first
+            for name in loads[k]:
+                out.extend(append(applied, name, loc))
+            out.append(item)
     if start >= len(items):
-        out.append(Instr("BUILD_LIST", 0, location=location))
-        out.append(Instr("STORE_FAST", hidden, location=location))
+        for into in lists:
+            out.append(Instr("BUILD_LIST", 0, location=location))
+            out.append(Instr("STORE_FAST", into, location=location))
     return _write(bc, out, code)
 
 

@@ -137,6 +137,11 @@ class Target:
         # A preset's: ``shape(value, source, frame)`` gives each value it captures
         # the layout the library's integration promises (see ``State.shaped``).
         self.shape = None
+        # A preset's: ``{method name: _rewrite.SOFTMAX or MIXED}``, what the calls
+        # it makes return (see ``_rewrite.applied_maps``); and, once its code is
+        # made, the ``Applied`` key of the mixed maps it multiplies with the values.
+        self.mixes = None
+        self.applied = None
 
     def takes_calls(self):
         """Whether an attention call made inside this function supplies its unbound name.
@@ -189,12 +194,19 @@ class Target:
         rewritten code when its ``GetLocal`` is discarded.
         """
         if self.rewritten is None:
+            mixed = _rewrite.applied_maps(self.code, self.collect, self.mixes) \
+                if self.collecting else ()
+            self.applied = Applied(self, mixed) if mixed else None
             record = make_record(self.state, self)
             record_locals = make_record_locals(self)
             bound = _bind(record, record_locals)
             try:
                 code, names = self.code, self.names
-                if self.collecting:
+                if mixed:
+                    code, names = _rewrite.collecting(
+                        code, _COLLECTED, self.collect, _APPLIED, self.mixes), \
+                        (_APPLIED, _COLLECTED)
+                elif self.collecting:
                     code, names = _rewrite.collecting(code, _COLLECTED, self.collect), \
                         (_COLLECTED,)
                 code = _rewrite.rewrite(
@@ -228,11 +240,39 @@ class Target:
             CaptureWarning, stacklevel=3)
 
 
+class Applied:
+    """Where a collecting target keeps the mixed maps it multiplies with the values.
+
+    Its key is the target's qualname and ``.applied`` (``'GPSA.forward.applied'``:
+    ConViT's gated map; ``'TalkingHeadAttn.forward.applied'``: CaiT's map after
+    the talking heads mix it), beside the target's own key, which keeps the
+    softmaxes it stores (the parts).  ``State.store`` takes it like a target.
+    """
+
+    SUFFIX = "applied"
+
+    def __init__(self, target, names):
+        self.state = target.state
+        self.target = target
+        self.qualname = target.qualname
+        self.names = (names[0],)
+        self.keys = ("{}.{}".format(target.qualname, self.SUFFIX),)
+        self.source = target.source
+        self.attention = True
+        self.explicit = False
+        self.warned = target.warned
+
+    @property
+    def shape(self):
+        return self.target.shape
+
+
 _MISSING = object()
 
 _BUILTINS = builtins.__dict__
 _LOCALS = "__visualizer_locals__"  # the built-in locals(), under a name no module shadows
 _COLLECTED = "__visualizer_collected__"  # the list local of a collecting target
+_APPLIED = "__visualizer_applied__"  # its list of the mixed maps multiplied with values
 _serial = itertools.count(1)
 _elsewhere = {}  # bound name -> other built-in namespaces it was also put in
 
@@ -347,12 +387,20 @@ def make_record(state, target):
     # is captured, so None is no capture.
     skip_none = target.attention and not target.explicit
     if target.collecting:
-        def record(*args):  # (maps) or (source, maps): the softmax results it stored
+        applied = target.applied
+        with_source = target.source is not None
+
+        def record(*args):  # ([source,] [applied,] maps): the softmax results it stored
             try:
-                source = args[0] if len(args) == 2 else None
+                source = args[0] if with_source else None
                 frame = _frame(target, state)
-                for probs in args[-1]:
+                stored = args[-1]
+                for probs in stored:
                     state.capture(target, source, (probs,), frame)
+                if applied is not None:  # the maps ``@`` took, unless a softmax stored
+                    for probs in args[-2]:
+                        if not any(probs is softmax for softmax in stored):
+                            state.capture(applied, source, (probs,), frame)
                 if state.supplying:  # the attention calls made inside it
                     for probs in state.take_supplied(frame) or ():
                         state.store(target, source, (probs,), frame)
@@ -449,6 +497,12 @@ class State:
         self.failed = set()
         self.keep_calls = False   # keep every attention call that no watched function takes
         self.calls_missed = {}    # (call's name, qualname) -> calls nothing took, this capture
+        # Attention run where capture cannot reach, counted by an extension this capture:
+        # (what, cause and fix) -> calls; and weakref(module) -> ((what, cause and fix),
+        # whether(module) computes attention), asked at the end only if nothing was captured.
+        self.unreached = {}
+        self.unreached_modules = {}
+        self.calls_taken = 0  # attention calls delivered to capture_call, ever
         self.supplied = threading.local()  # per thread: id(frame) -> (code, [probabilities])
         self.supplying = False
 
@@ -541,6 +595,7 @@ class State:
         Otherwise it returns None.
         """
         storage = self.storage
+        self.calls_taken += 1
         target = frame = None
         if owner is not None:
             target, frame, source = owner
@@ -623,8 +678,21 @@ class State:
             self.store(target, source, [probs if n == name else frame_locals[n]
                                         for n in target.names], frame)
 
-    def report_silent(self, cache, missed):
-        """Warn about what ran while capturing into ``cache`` but left nothing there."""
+    def report_silent(self, cache, missed, unreached=None, modules=None):
+        """Warn about what ran while capturing into ``cache`` but left nothing there.
+
+        ``unreached`` and ``modules``: what ``State.unreached`` and
+        ``State.unreached_modules`` held when the capture ended.
+        """
+        unreached = dict(unreached or {})
+        if modules and not any(len(values) for values in cache.values()):
+            for ref, (cause, computes) in modules.items():
+                module = ref()
+                if module is not None and computes(module):
+                    unreached[cause] = unreached.get(cause, 0) + 1
+        for (what, why), calls in sorted(unreached.items()):
+            warnings.warn("visualizer: no attention captured from {} ({} call{}): {}".format(
+                what, calls, "s" if calls > 1 else "", why), CaptureWarning, stacklevel=4)
         if missed:
             calls = sum(missed.values())
             what = ", ".join(sorted({name for name, _ in missed}))
@@ -744,7 +812,7 @@ class State:
             self.notify("removed", target, function)
 
     def register(self, function, names, source, overrides=None, explicit=True,
-                 attention=False, collect=None, shape=None):
+                 attention=False, collect=None, shape=None, mixes=None):
         """Put ``function`` under capture of ``names``; install now if active.
 
         ``explicit``: the user asked for it (not only a preset); ``attention``:
@@ -752,7 +820,8 @@ class State:
         (a softmax): report every result of such a call it stores while only
         presets watch it (``Target.collecting``); ``shape``: a preset's
         ``shape(value, source, frame)``, the layout its values are stored in
-        (``State.shaped``).
+        (``State.shaped``); ``mixes``: what the calls it makes return, for
+        the maps it multiplies with the values (``_rewrite.applied_maps``).
 
         If the code cannot be rewritten (``_rewrite.UnreadableCode``) while
         active, the error is raised and nothing is registered or changed.
@@ -778,6 +847,9 @@ class State:
                 target.rewritten = None  # its recorders depend on these (see make_record)
             target.explicit, target.attention, target.collect = explicit, attention, collect
             target.shape = target.shape or shape
+            if mixes and mixes != target.mixes:
+                target.mixes = dict(target.mixes or {}, **mixes)
+                target.rewritten = None
             if self.active:
                 try:
                     target.rewritten_code()

@@ -16,6 +16,9 @@ library's module defines its ``watch_attention`` family as ``PRESET``;
 * ``timm``: timm's attention classes that never reach the kernel.
 * ``torch``: ``nn.MultiheadAttention`` and the encoder layers that fuse it,
   whose fast paths make no kernel call: maps computed beside them.
+* ``unreachable``: attention run where nothing can capture it (TorchScript, an
+  exported program, a custom operator, xformers), counted while capturing
+  and named when ``capture()`` ends.
 * ``compile``: what torch's compilers (``torch.compile``, TorchScript) need
   from capture: rewritten code they can trace, and recompiling when it changes.
 
@@ -32,11 +35,12 @@ __all__ = ["HEAD_COUNTS", "Preset", "head_count", "heads_apart", "is_softmax", "
 
 def plug_in(state):
     """Extend a capture state with what the libraries need (``visualizer._state.PLUGINS``)."""
-    from . import compile, flex, kernel, transformers
+    from . import compile, flex, kernel, transformers, unreachable
 
     state.attention_marks.append(is_softmax)
     state.extend(kernel.Seam())
     state.extend(compile.Compilers(state))
+    state.extend(unreachable.Unreachable())
     transformers.wait_for_adapters()
     flex.install()
 

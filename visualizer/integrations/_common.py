@@ -147,7 +147,14 @@ def watch_softmax_outputs(get_local, module, named=True, batch_names=()):
     ``attention_probs`` of BLOOM, ``attn_prob`` of XLNet's ``rel_attn_core``,
     each head of EfficientViT's loop over heads, CaiT's probabilities before
     the talking heads mix them, both softmaxes of ConViT's gated attention.
-    The cache key is the method's qualname.  On a fused path nothing is
+    The cache key is the method's qualname.  Where a method multiplies the
+    values (``attn @ v``) by a map it mixed from its softmaxes, or from what
+    a sibling method returns (``_rewrite.applied_maps``), that map is kept
+    too, as ``@`` takes it, under ``'<qualname>.applied'``: ConViT's gated
+    map (``GPSA.forward.applied``, its two softmaxes under
+    ``GPSA.get_attention``), CaiT's and EfficientFormerV2's map after the
+    talking heads (``TalkingHeadAttn.forward.applied``), the differential
+    map of ``DiffAttention``.  On a fused path nothing is
     stored and the kernel calls made inside the method supply its maps.
     A 3-D map is stored as ``(batch, heads, queries, keys)``: its heads split
     from the batch axis by the head count of the call's ``self`` and the batch
@@ -160,19 +167,41 @@ def watch_softmax_outputs(get_local, module, named=True, batch_names=()):
         lowered = cls.__name__.lower()
         if named and "attention" not in lowered and "attn" not in lowered:
             continue
-        for function in list(vars(cls).values()):
-            # the function a decorator wraps (transformers' @deprecate_kwarg, ...)
-            for _ in range(10):
-                inner = getattr(function, "__wrapped__", None)
-                if inner is None:
-                    break
-                function = inner
-            code = getattr(function, "__code__", None)
-            if code is None or not callable(function) or code.co_flags & _compat.CO_NOT_PLAIN:
-                continue  # not a plain function (generators and coroutines are refused)
-            names = softmax_outputs(code)
+        functions = [f for f in map(_plain_function, list(vars(cls).values())) if f is not None]
+        mixes = _mixes(functions)
+        for function in functions:
+            code = function.__code__
+            names = softmax_outputs(code) or _rewrite.applied_maps(code, is_softmax, mixes)
             if names:
                 watched.append(get_local._watch(function, (names[0],), explicit=False,
                                                 attention=True, collect=is_softmax,
-                                                shape=heads_apart(function, batch_names)))
+                                                shape=heads_apart(function, batch_names),
+                                                mixes=mixes))
     return watched
+
+
+def _plain_function(function):
+    """The plain function under a class attribute's decorators, or None."""
+    for _ in range(10):  # the function a decorator wraps (transformers' @deprecate_kwarg, ...)
+        inner = getattr(function, "__wrapped__", None)
+        if inner is None:
+            break
+        function = inner
+    code = getattr(function, "__code__", None)
+    if code is None or not callable(function) or code.co_flags & _compat.CO_NOT_PLAIN:
+        return None  # not a plain function (generators and coroutines are refused)
+    return function
+
+
+def _mixes(functions):
+    """``{method name: SOFTMAX or MIXED}`` for the methods that return a map (ConViT's
+    ``get_attention``), so that a sibling storing their result knows what it holds."""
+    mixes = {}
+    for function in functions:
+        try:
+            returned = _rewrite.returned_map(function.__code__, is_softmax)
+        except _rewrite.UnreadableCode:
+            continue
+        if returned is not None:
+            mixes[function.__name__] = returned
+    return mixes

@@ -240,17 +240,26 @@ class _Support:
         eager = self.disable(record, target, "a value that is not a tensor")
         emit, tensors = self.emitter(target), self.tensors
         if target.collecting:  # one list: every softmax the code stored (Target.collecting)
+            applied = target.applied  # and the mixed maps ``@`` took, if any
+            if applied is not None and applied not in _SLOTS:
+                _SLOTS[applied] = next(_slots)
+                _TARGETS[_SLOTS[applied]] = applied
+            emit_applied = self.emitter(applied) if applied is not None else None
+
             def traced(*args):
                 maps = args[-1]
-                if not maps:
+                mixed = args[-2] if applied is not None else ()
+                if not maps and not mixed:
                     # A preset's fused path: the seam captures nothing in a compiled
                     # graph (and says so, see _compiled_through_seam); no graph break.
                     return None
-                if not tensors(maps):
+                if not tensors(maps) or not tensors(mixed):
                     return eager(*args)
-                source = args[0] if len(args) == 2 else None
+                source = args[0] if target.source is not None else None
                 for probs in maps:
                     emit(source, [probs])
+                for probs in mixed:  # statically mixed: no identity test to trace
+                    emit_applied(source, [probs])
             return traced
         if target.source is None:
             def traced(*values):

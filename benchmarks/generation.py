@@ -132,9 +132,73 @@ def run(cfg, notes):
                      "capture leaves the tokens unchanged and " if seam else ""))
     text = e2e_table(stats, variants, "SDPA generate")
     if seam:
+        gpt_text, summary["gpt2"] = gpt2_small(cfg, notes)
+        text += "\n\n" + gpt_text
         memory_text, summary["memory"] = memory(cfg, notes)
         text += "\n\n" + memory_text
     return text, summary
+
+
+# ---------------------------------------------------------------------------
+# A GPT-2-small-size model: where the seam's cost per call meets a real kernel
+# ---------------------------------------------------------------------------
+
+GPT2_SDPA = "GPT-2 small size, SDPA generate (no capture)"
+GPT2_ROWS = "GPT-2 small size, capture(queries=-1)"
+
+
+def build_gpt2(torch, cfg):
+    """A GPT-2 of ``cfg['gpt2_layers']`` layers, width 768, 12 heads (124M parameters at 12), random."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=cfg["gpt2_layers"], n_embd=cfg["gpt2_width"],
+                                     n_head=12, n_positions=1024, vocab_size=50257,
+                                     bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def gpt2_small(cfg, notes):
+    """Time ``generate`` of the GPT-2-size model with and without ``capture(queries=-1)``."""
+    torch = _env.setup_torch()
+    from visualizer import get_local
+    from visualizer.generation import steps_by_module
+
+    model = build_gpt2(torch, cfg)
+    parameters = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(3, 50257, (1, cfg["gpt2_prompt"]),
+                        generator=torch.Generator().manual_seed(2))
+    new = cfg["gpt2_new"]
+    with torch.no_grad():
+        tokens = _generate(model, ids, new)
+        with get_local.capture(queries=-1) as cache:
+            captured = _generate(model, ids, new)
+        if not torch.equal(captured, tokens):
+            raise AssertionError("GPT-2: capture changed the generated tokens")
+        steps = steps_by_module(model, cache)
+        if len(steps) != cfg["gpt2_layers"] or any(len(s) != new for s in steps.values()):
+            raise AssertionError("GPT-2: expected {} steps in each of {} layers, got {}".format(
+                new, cfg["gpt2_layers"], {k: len(v) for k, v in steps.items()}))
+
+        def rows():
+            with get_local.capture(queries=-1):
+                _generate(model, ids, new)
+
+        variants = [Variant(GPT2_SDPA, lambda: _generate(model, ids, new)),
+                    Variant(GPT2_ROWS, rows)]
+        times = interleave(variants, cfg["gpt2_rounds"], warmup=1)
+    stats = ratios(times, GPT2_SDPA)
+    notes.append("generation, GPT-2 small size: {} layers, width {}, 12 heads, {:.0f}M "
+                 "parameters (random), batch 1, prompt {} tokens, {} new tokens, greedy, {} "
+                 "rounds; the gate checked that capture leaves the tokens unchanged and keeps "
+                 "one row per step and layer.".format(
+                     cfg["gpt2_layers"], cfg["gpt2_width"], parameters / 1e6,
+                     cfg["gpt2_prompt"], new, cfg["gpt2_rounds"]))
+    return e2e_table(stats, variants, "GPT-2 generate"), {
+        "rows_vs_sdpa": paired_ratio(times, GPT2_ROWS, GPT2_SDPA), "parameters": parameters}
 
 
 # ---------------------------------------------------------------------------

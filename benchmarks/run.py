@@ -40,6 +40,11 @@ FULL = {
     "gen_new": 64,
     "gen_rounds": 10,
     "gen_memory_prompt": 2048,
+    "gpt2_layers": 12,
+    "gpt2_width": 768,
+    "gpt2_prompt": 128,
+    "gpt2_new": 32,
+    "gpt2_rounds": 8,
     "relevance_batch": 8,
     "relevance_rounds": 15,
     "digits_seconds": 120.0,  # 20 epochs take about 20 s on a quiet core
@@ -54,6 +59,7 @@ QUICK = dict(FULL, batch=2, vit_kwargs={"depth": 2, "img_size": 32}, warmup=1,
              memory_batch=2, import_rounds=1, parallel_children=4, compiled_rounds=2,
              compiled_warmup=1, compile_backend="eager", long_tokens=512, long_batches=3,
              gen_prompt=8, gen_new=6, gen_rounds=2, gen_memory_prompt=32,
+             gpt2_layers=2, gpt2_width=96, gpt2_prompt=8, gpt2_new=4, gpt2_rounds=2,
              relevance_batch=2, relevance_rounds=2, digits_seconds=3.0, digits_epochs=1,
              faithfulness_images=40, faithfulness_figure=None)
 
@@ -264,8 +270,12 @@ def _targets(s, cfg):
             "met" if lc["stream_n_vs_1"] <= 1.05 else "MISSED"])
     g = s.get("generation")
     if g and g.get("seam"):
-        rows.append(["generate, capture of the new rows <= 1.10 x no capture",
-                     _ratio(g["rows_vs_sdpa"]), _verdict(*g["rows_vs_sdpa"], target=1.10)])
+        rows.append(["generate (tiny Llama), capture of the new rows <= 1.25 x no capture",
+                     _ratio(g["rows_vs_sdpa"]), _verdict(*g["rows_vs_sdpa"], target=1.25)])
+        if g.get("gpt2"):
+            rows.append(["generate (GPT-2 small size), capture of the new rows <= 1.10 x "
+                         "no capture", _ratio(g["gpt2"]["rows_vs_sdpa"]),
+                         _verdict(*g["gpt2"]["rows_vs_sdpa"], target=1.10)])
         rows.append(["generate, capture of full maps, x no capture (no target)",
                      _ratio(g["full_vs_sdpa"]), ""])
     rel = s.get("relevance")

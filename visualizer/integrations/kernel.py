@@ -65,6 +65,7 @@ MAX_DEPTH = 48  # frames looked at above a kernel call
 
 _lock = threading.RLock()
 _states = weakref.WeakSet()  # active states the seam serves
+_serving = ()                # the same, as weak references: what each call iterates
 _original = None             # torch's own function (``_SDPA.original``, read on every call)
 _adapters = {}               # id(code) -> (code, adapt(frame, call, state) -> (call, owner))
 _code_info = {}              # id(code) -> (code, kind, qualname, first argument)
@@ -294,15 +295,24 @@ class Seam(Extension):
 
 def install(state):
     """Serve ``state`` from now on; put the seam in place if it is not (torch must be imported)."""
+    global _is_compiling, _Tensor, _serving
     with _lock:
         _states.add(state)
+        _serving = tuple(weakref.ref(s) for s in _states)
         _patch()
+        torch = sys.modules.get("torch")
+        if torch is not None:  # read once here, not on every call
+            _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling",
+                                    _is_compiling)
+            _Tensor = torch.Tensor
 
 
 def uninstall(state):
     """Stop serving ``state``; when no state is left, torch's own function goes back everywhere."""
+    global _serving
     with _lock:
         _states.discard(state)
+        _serving = tuple(weakref.ref(s) for s in _states)
         if not len(_states):
             _unpatch()
 
@@ -461,11 +471,11 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
     (that function computes it); see ``visualizer.integrations.kernel``.
     """
     out = _original(query, key, value, *args, **kwargs)
-    if compiling():
+    if _is_compiling():
         if _traced is not None and not exporting():
             _traced(out, query, key, value, *args, **kwargs)
         return out
-    if len(_states) and isinstance(out, _tensor_type()):  # not while torch.fx traces (Proxy)
+    if isinstance(out, _Tensor):  # not while torch.fx traces (a Proxy)
         _thread.calls = getattr(_thread, "calls", 0) + 1
         try:
             joins = _seen(sys._getframe(1), Call(query, key, value, *args, **kwargs))
@@ -477,6 +487,8 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
 
 
 _SDPA = Patch("torch.nn.functional", NAME, scaled_dot_product_attention)
+_is_compiling = bool     # torch.compiler.is_compiling, once torch is seen (bool() is False)
+_Tensor = ()             # torch.Tensor, once torch is seen (nothing is an instance of ())
 
 
 def deliver(frame, call, out):
@@ -570,8 +582,9 @@ def report(exc):
 def _seen(frame, call):
     """Deliver a call to every active state; return the maps that must join the graph."""
     joins = None
-    for state in list(_states):
-        if state.active:
+    for ref in _serving:
+        state = ref()
+        if state is not None and state.active:
             joined = _deliver(state, frame, call)
             if joined is not None:
                 joins = (joins or []) + [joined]

@@ -11,6 +11,7 @@ paths continuous batching runs on CPU are covered: ``'sdpa'`` (the kernel
 seam) and ``'paged|eager'`` (its eager softmax).  Tiny random Llama with
 grouped-query attention, built from a config, offline.
 """
+import copy
 import warnings
 
 import numpy as np
@@ -47,7 +48,9 @@ def _models(implementation):
                            max_position_embeddings=128, pad_token_id=0, eos_token_id=None,
                            bos_token_id=1)
     model = t.LlamaForCausalLM._from_config(config, attn_implementation=implementation).eval()
-    eager = t.LlamaForCausalLM._from_config(config, attn_implementation="eager").eval()
+    # a config of its own: transformers 5.23 writes the implementation into the one it gets
+    eager = t.LlamaForCausalLM._from_config(copy.deepcopy(config),
+                                            attn_implementation="eager").eval()
     eager.load_state_dict(model.state_dict())
     return model, eager
 

@@ -226,18 +226,24 @@ _packed_warned = set()
 _packed_lock = threading.Lock()
 
 
-def _warn_packed(where, reason):
+def _warn_packed(where, reason, stacklevel=4):
+    """Say once per function that its continuous-batching maps cannot be split per request."""
     with _packed_lock:
         if where in _packed_warned:
             return
         _packed_warned.add(where)
+    if "not captured" in reason:
+        what = "{}: {}.".format(where, reason)
+    else:
+        what = (
+            "{} computed the attention of a continuous batch (generate_batch) as one packed "
+            "call, and its requests could not be told apart ({}): its maps are stored packed, "
+            "every request's rows and keys glued together in one block-diagonal map.".format(
+                where, reason))
     warnings.warn(
-        "visualizer: {} computed the attention of a continuous batch (generate_batch) as one "
-        "packed call, and its requests could not be told apart ({}): its maps are stored "
-        "packed, every request's rows and keys glued together in one block-diagonal map. To "
-        "get one map per request, run each request alone through model.generate(), or use a "
-        "transformers release whose continuous batching visualizer knows (5.23 to 5.25)."
-        .format(where, reason), CaptureWarning, stacklevel=4)
+        "visualizer: {} To get one map per request, run each request alone through "
+        "model.generate(), or use a transformers release whose continuous batching "
+        "visualizer knows (5.23 to 5.25).".format(what), CaptureWarning, stacklevel=stacklevel)
 
 
 def watch_eager_paged(get_local):
@@ -248,9 +254,18 @@ def watch_eager_paged(get_local):
     """
     module = sys.modules.get(EAGER_PAGED_MODULE)
     function = getattr(module, "eager_paged_attention_forward", None)
+    for _ in range(10):  # 5.23 wraps it in @torch.compiler.disable
+        inner = getattr(function, "__wrapped__", None)
+        if inner is None:
+            break
+        function = inner
     code = getattr(function, "__code__", None)
-    if code is None or "attn_weights" not in code.co_varnames or \
-            get_local._state.target_of(code) is not None:
+    if code is None or get_local._state.target_of(code) is not None:
+        return []
+    if "attn_weights" not in code.co_varnames:
+        _warn_packed("eager_paged_attention_forward",
+                     "this release's eager_paged_attention_forward keeps no attn_weights, so "
+                     "its 'paged|eager' maps are not captured at all", stacklevel=2)
         return []
     return [get_local._watch(function, ("attn_weights",), source="module", explicit=False,
                              attention=True, shape=shape_eager_paged)]

@@ -165,3 +165,31 @@ def test_a_packed_call_whose_requests_are_unknown_is_kept_whole_and_said(seam):
     # called from no module's method: under the kernel's own name, packed, whole
     assert [m.shape for m in cache["scaled_dot_product_attention"]] == [(1, 4, 8, 8)]
     assert requests(cache) == []
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_prompt_prefilled_in_chunks_is_stitched_as_one_prompt(implementation, seam):
+    """A 40-token prompt in batches of at most 16 tokens: prefilled over three forwards."""
+    t = _transformers()
+    config_class = getattr(t, "ContinuousBatchingConfig", None) or getattr(
+        t.generation.configuration_utils, "ContinuousBatchingConfig", None)
+    if config_class is None:
+        pytest.skip("transformers {} has no ContinuousBatchingConfig".format(t.__version__))
+    model, eager = _models(implementation)
+    prompt = list(range(1, 41))
+    with seam.capture() as cache, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        out = model.generate_batch([prompt, [6, 7, 8]], generation_config=_generation_config(),
+                                   continuous_batching_config=config_class(max_batch_tokens=16))
+    request = list(out)[0]
+    raw = cache["{}[{}]".format(
+        "LlamaAttention.forward" if implementation == "sdpa" else "eager_paged_attention_forward",
+        request)]
+    assert raw[0].shape[2] < len(prompt)  # the prefill was chunked
+    tokens, reference = _alone(eager, prompt)
+    assert list(out[request].generated_tokens) == tokens
+    steps = steps_by_module(model, cache, request=request)
+    for layer in range(2):
+        mine = steps["model.layers.{}.self_attn".format(layer)]
+        assert mine[0].shape == (1, 4, len(prompt), len(prompt))
+        np.testing.assert_allclose(stitch(mine), stitch(reference[layer]), atol=ATOL, rtol=0)

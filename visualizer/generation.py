@@ -436,7 +436,7 @@ def requests(captures: Mapping) -> List[str]:
 
 
 def _of_request(groups: Mapping, request: Optional[str]) -> Dict[str, Any]:
-    """The groups of one request (names untagged), or those of no request when ``request`` is None."""
+    """The groups of one request, names untagged (``request`` None: those of no request)."""
     picked = {}
     for name, values in groups.items():
         base, tag = split_request_key(name)

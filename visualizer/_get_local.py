@@ -11,7 +11,7 @@ import weakref
 from . import _compat, _resolve, _rewrite
 from .storage import memory as _store, stream as _stream
 from ._errors import VisualizerTypeError, VisualizerValueError
-from ._state import PLUGINS, State
+from ._state import PLUGINS, State, request_key, split_request_key
 
 
 class GetLocal:
@@ -391,6 +391,8 @@ class GetLocal:
         itself is ``''``).  With several names captured from one function, the
         keys are ``'blocks.3.attn.q'`` and so on; when a module has several
         captured functions, the function name is added: ``'blocks.3.attn.forward'``.
+        The maps of one request of a continuous batch (transformers'
+        ``generate_batch``) are named with its id: ``'model.layers.0.self_attn[req_0]'``.
 
         >>> get_local.by_module(model)['blocks.0.attn'][0].shape
         (1, 6, 197, 197)
@@ -476,17 +478,20 @@ def _name_by_module(found, state):
                                                 target.applied.SUFFIX, True)
     per_module = {}
     for module_name, key in found:
+        key = split_request_key(key)[0]
         per_module.setdefault(module_name, set()).add(
             key_info.get(key, (key, None, False))[0])
     out = {}
     for (module_name, key), values in found.items():
+        key, request = split_request_key(key)  # one request of a packed batch: 'name[req_0]'
         function, name, several = key_info.get(key, (key, None, False))
         parts = [module_name] if module_name else []
         if len(per_module[module_name]) > 1:
             parts.append(function)
         if several:
             parts.append(name)
-        out[".".join(parts)] = values
+        name = ".".join(parts)
+        out[name if request is None else request_key(name, request)] = values
     return out
 
 

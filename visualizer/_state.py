@@ -368,6 +368,37 @@ def _keys(qualname, names):
     return tuple("{}.{}".format(qualname, n) for n in names)
 
 
+def request_key(key, request):
+    """The cache key of the maps of one request of a packed batch: ``'key[request]'``.
+
+    Continuous batching (transformers' ``generate_batch``) computes the
+    attention of several requests in one call; their maps are split per
+    request (``Parts``) and each request's go under the key of the function
+    that computed them, tagged with its id: ``'LlamaAttention.forward[req_0]'``.
+    Qualnames hold no ``[``, so ``split_request_key`` gives both back.
+    """
+    return "{}[{}]".format(key, request)
+
+
+def split_request_key(key):
+    """``(key, request)`` of a key ``request_key`` made, else ``(key, None)``."""
+    if isinstance(key, str) and key.endswith("]"):
+        start = key.find("[")
+        if start > 0:
+            return key[:start], key[start + 1:-1]
+    return key, None
+
+
+class Parts(tuple):
+    """One captured map that a preset's ``shape`` split by request: ``((request, map), ...)``.
+
+    ``State.capture`` stores each part under ``request_key(key, request)``
+    (see there), as if the function had computed it alone.
+    """
+
+    __slots__ = ()
+
+
 def make_record(state, target):
     """Build the function a rewritten code object calls where all names are bound.
 
@@ -547,6 +578,10 @@ class State:
         if not self.active:
             return
         values = self.shaped(target, source, values, frame)
+        if len(values) == 1 and type(values[0]) is Parts:
+            for request, part in values[0]:
+                self.capture(_request_target(target, request), source, (part,))
+            return
         keys = target.keys
         if len(self.events):
             for key, name, value in zip(keys, target.names, values):
@@ -928,12 +963,13 @@ class _CallKey:
     __slots__ = ("keys", "names", "qualname", "source", "attention")
     shape = None  # the seam computes its calls in their layout already
 
-    def __init__(self, key, qualname, has_source):
+    def __init__(self, key, qualname, has_source, attention=False, names=("attn",)):
         self.keys = (key,)
-        self.names = ("attn",)
+        self.names = names
         self.qualname = qualname
         self.source = "module" if has_source else None
-        self.attention = False  # queries= and heads= were applied before computing
+        # False for a kernel call: queries= and heads= were applied before computing
+        self.attention = attention
 
 
 _call_keys = {}
@@ -944,3 +980,12 @@ def _call_target(key, qualname, has_source):
     if found is None:
         found = _call_keys[(key, has_source)] = _CallKey(key, qualname, has_source)
     return found
+
+
+def _request_target(target, request):
+    """What ``State.capture`` needs of ``target`` to store one request's part (``Parts``).
+
+    Made anew each time, not kept in ``_call_keys``: a server sees requests without end.
+    """
+    return _CallKey(request_key(target.keys[0], request), target.qualname,
+                    target.source is not None, target.attention, target.names[:1])

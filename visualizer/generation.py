@@ -8,6 +8,12 @@ belong and returns one causal ``(B, H, T, T)`` matrix, ``T = P + steps - 1``:
 the attention of a single forward pass over the final sequence without its
 last token (that token was generated but never fed back).
 
+Continuous batching (transformers' ``generate_batch``) packs several requests
+into each forward; their maps are captured per request, under keys tagged
+with the request id (``'model.layers.0.self_attn[req_0]'`` in ``by_module``):
+``steps_by_module(model, cache, request='req_0')`` gives one request's steps,
+stitched like ``generate()``'s, and :func:`requests` lists the ids.
+
 Everything here is plain NumPy on the shapes and values of the maps: torch
 tensors are accepted and converted (torch is never imported here), and nothing
 depends on how the maps were captured (``get_local.capture()`` during
@@ -47,9 +53,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
+from ._state import split_request_key
 from .attention import as_array
 
-__all__ = ["stitch", "split_runs", "steps_by_module", "split_layers"]
+__all__ = ["stitch", "split_runs", "steps_by_module", "split_layers", "requests"]
 
 # Weight allowed on keys a row cannot see (future or padded positions): the
 # softmax of a masked score is exactly 0 in float32, but bf16/fp16 captures
@@ -408,8 +415,50 @@ def _static_after_prompt(prompt_step: Any, step: Any) -> bool:
         not np.any(np.abs(row[..., prompt + 1:]) > _MASKED_ATOL)
 
 
-def steps_by_module(model: Any, cache: Any = None, *, run: Optional[int] = None
-                    ) -> Dict[str, List[Any]]:
+def requests(captures: Mapping) -> List[str]:
+    """Return the ids of the continuous-batching requests whose maps ``captures`` holds.
+
+    ``captures`` is a cache (``get_local.capture()``'s, or a loaded file) or
+    ``by_module``'s dict; ids in the order their keys first appear.
+
+    >>> requests({'LlamaAttention.forward[req_1]': [], 'LlamaAttention.forward[req_0]': []})
+    ['req_1', 'req_0']
+    """
+    if not isinstance(captures, Mapping):
+        raise VisualizerTypeError("requests takes a cache or by_module's dict, got {}".format(
+            type(captures).__name__))
+    found = []  # type: List[str]
+    for key in captures:
+        request = split_request_key(key)[1]
+        if request is not None and request not in found:
+            found.append(request)
+    return found
+
+
+def _of_request(groups: Mapping, request: Optional[str]) -> Dict[str, Any]:
+    """The groups of one request, names untagged (``request`` None: those of no request)."""
+    picked = {}
+    for name, values in groups.items():
+        base, tag = split_request_key(name)
+        if tag == request:
+            picked[base] = values
+    if request is None and not picked and groups:
+        ids = requests(groups)
+        if ids:
+            raise VisualizerValueError(
+                "the captures hold the maps of {} requests of a continuous batch ({}): pass "
+                "request=, e.g. steps_by_module(model, cache, request={!r}); "
+                "visualizer.generation.requests(cache) lists them".format(
+                    len(ids), ", ".join(repr(r) for r in ids[:5]), ids[0]))
+    if request is not None and not picked:
+        raise VisualizerValueError(
+            "no maps of request {!r} in the captures; requests found: {}".format(
+                request, ", ".join(repr(r) for r in requests(groups)[:10]) or "none"))
+    return picked
+
+
+def steps_by_module(model: Any, cache: Any = None, *, run: Optional[int] = None,
+                    request: Optional[str] = None) -> Dict[str, List[Any]]:
     """Return ``{module name: [step maps]}`` for the attention modules of ``model``.
 
     Regroups a capture taken around ``generate()`` with
@@ -420,6 +469,9 @@ def steps_by_module(model: Any, cache: Any = None, *, run: Optional[int] = None
     when the cache holds several, pass ``run`` (``-1``: the last call),
     otherwise it is an error.  Encoder modules of an encoder-decoder give one
     step (the encoder runs once); stitch cross-attention with ``cross=True``.
+    ``request`` picks the steps of one request of a continuous batch
+    (``model.generate_batch``): ``'req_0'``, as :func:`requests` lists them;
+    a prompt its scheduler split into chunks is joined into one prompt step.
 
     >>> with get_local.capture() as cache:                     # doctest: +SKIP
     ...     out = model.generate(ids, max_new_tokens=8)
@@ -436,6 +488,9 @@ def steps_by_module(model: Any, cache: Any = None, *, run: Optional[int] = None
         from ._get_local import get_local
 
         groups = get_local.by_module(model, cache)
+    groups = _of_request(groups, request)
+    if request is not None:
+        groups = {name: _join_chunks(values) for name, values in groups.items()}
     result = {}
     skipped = []
     several = {}
@@ -470,6 +525,32 @@ def steps_by_module(model: Any, cache: Any = None, *, run: Optional[int] = None
         warnings.warn("steps_by_module left out {} (not 4-D attention maps)".format(
             ", ".join(repr(s) for s in skipped[:5])), CaptureWarning, stacklevel=2)
     return result
+
+
+def _join_chunks(values: Sequence[Any]) -> List[Any]:
+    """One request's maps with a prompt prefilled in chunks joined into one prompt step.
+
+    Continuous batching may prefill a long prompt over several forwards: a
+    square ``(1, H, c1, c1)`` step, then ``(1, H, c2, c1 + c2)`` and so on
+    (every earlier key, then the chunk's own).  Joined, they are the prompt
+    step ``(1, H, P, P)`` one forward would give, zero above the diagonal.
+    """
+    out = []  # type: List[Any]
+    for value in values:
+        shape = tuple(getattr(value, "shape", np.shape(value)))
+        if len(out) == 1 and len(shape) == 4 and shape[2] > 1:
+            last = out[0]
+            rows, keys = last.shape[2], last.shape[3]
+            if rows == keys and shape[3] == keys + shape[2] and tuple(last.shape[:2]) == shape[:2]:
+                last, part = _array(last, "prompt step"), _array(value, "prefill chunk")
+                joined = np.zeros(shape[:2] + (shape[3], shape[3]),
+                                  dtype=np.result_type(last.dtype, part.dtype))
+                joined[:, :, :rows, :keys] = last
+                joined[:, :, rows:, :] = part
+                out[0] = joined
+                continue
+        out.append(value)
+    return out
 
 
 def split_layers(values: Sequence[Any]) -> List[List[Any]]:

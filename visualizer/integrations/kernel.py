@@ -47,7 +47,7 @@ import weakref
 
 from .. import _compat, _imports, attention
 from .._errors import CaptureWarning
-from .._state import Extension
+from .._state import Extension, request_key
 from ._common import Preset, head_count, warn_unsplit
 
 __all__ = ["Seam", "install", "uninstall", "adapter", "Call", "Patch", "also_patch", "deliver",
@@ -77,11 +77,11 @@ class Call:
     """The arguments of one kernel call, by name (what ``State.capture_call`` takes)."""
 
     __slots__ = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
-                 "enable_gqa")
+                 "enable_gqa", "request")
     name = NAME
 
     def __init__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                 scale=None, enable_gqa=False):
+                 scale=None, enable_gqa=False, request=None):
         self.query = query
         self.key = key
         self.value = value
@@ -90,6 +90,8 @@ class Call:
         self.is_causal = is_causal
         self.scale = scale
         self.enable_gqa = enable_gqa
+        # The request of a packed batch this part of a call belongs to (see ``adapter``).
+        self.request = request
 
     def replace(self, **changes):
         """A copy with some arguments changed."""
@@ -456,7 +458,11 @@ def adapter(code, adapt):
     ``adapt(frame, call, state)`` returns ``(call, owner)``: the call as the
     model means it (e.g. transformers' packed grouped-query heads unpacked),
     and ``None`` or ``(target, source)``, a watched function to capture the
-    probabilities into instead of the kernel's own key.
+    probabilities into instead of the kernel's own key.  A call that packs
+    several requests (continuous batching) may come back as a list of calls,
+    one per request, each with its ``request`` set: each is captured under
+    ``_state.request_key(key, request)`` (the watched function's ``owner``
+    and ``capture(grad=True)`` do not apply to them).
     """
     _adapters[id(code)] = (code, adapt)
 
@@ -651,6 +657,10 @@ def locate(frame, call, state):
 
 def _deliver(state, frame, call):
     call, owner, key, qualname, source = locate(frame, call, state)
+    if isinstance(call, list):  # one call per request of a packed batch (see ``adapter``)
+        for part in call:
+            state.capture_call(request_key(key, part.request), qualname, source, part)
+        return None
     if owner is not None and getattr(owner[1], "frozen", False):
         target, frozen, _ = owner
         owner = (target, None, frozen.f_locals.get(target.source) if target.source else None)

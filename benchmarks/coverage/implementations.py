@@ -54,9 +54,9 @@ def check(item):
     compiled = implementation.startswith("compiled ")
     name = implementation.split(" ", 1)[1] if compiled else implementation
     model, eager, config = _hf.build(family)
-    inputs = _hf.make_inputs(model, config)[0]
     if name == "paged":
-        return _paged(model, eager, config)
+        return _paged(model, config)
+    inputs = _hf.make_inputs(model, config)[0]
     if name == "flex_attention" and not getattr(model, "_supports_flex_attn", False):
         return {"status": "not supported", "reason": "transformers has no flex attention for "
                 + type(model).__name__}
@@ -84,17 +84,70 @@ def _attentions(out):
     return maps
 
 
-def _paged(model, eager, config):
-    """Continuous batching, if this transformers and the family have it (``visualizer``'s check)."""
-    check_paged = getattr(sys.modules.get("visualizer.integrations.transformers"),
-                          "check_continuous_batching", None)
-    if check_paged is None:
-        import visualizer.integrations.transformers as module
+PROMPTS = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]  # three lengths
+PAGED_NEW_TOKENS = 3
 
-        check_paged = getattr(module, "check_continuous_batching", None)
-    if check_paged is None:
-        return {"status": "not measured", "reason": "no continuous-batching check in this visualizer"}
-    return check_paged(model, eager)
+
+def _paged(model, config):
+    """Continuous batching (``generate_batch``): each request's maps against it alone, eager."""
+    import copy
+
+    import torch
+    import transformers
+
+    from visualizer import get_local
+    from visualizer.generation import requests, steps_by_module, stitch
+
+    from . import _hf
+
+    if not hasattr(transformers.GenerationMixin, "generate_batch"):
+        return {"status": "not supported", "reason": "this transformers has no generate_batch"}
+    causal = transformers.AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if causal is None:
+        return {"status": "not supported",
+                "reason": "no causal language model (continuous batching generates)"}
+    torch.manual_seed(_hf.SEED)
+    lm = causal._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    eager = causal._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    eager.load_state_dict(lm.state_dict())
+    options = transformers.GenerationConfig(max_new_tokens=PAGED_NEW_TOKENS, do_sample=False,
+                                            eos_token_id=None, pad_token_id=0)
+    # A small cache: it is sized from free memory otherwise, past the sandbox's cap.
+    paging = {}
+    if hasattr(transformers.generation, "ContinuousBatchingConfig"):
+        paging["continuous_batching_config"] = transformers.generation.ContinuousBatchingConfig(
+            num_blocks=16, max_batch_tokens=64)
+    try:
+        plain = lm.generate_batch(PROMPTS, generation_config=options, **paging)
+    except Exception as error:
+        return {"status": "not supported", "reason": "generate_batch: " + one_line(error)}
+    failed = [str(r.error) for r in plain.values() if getattr(r, "error", None) is not None]
+    if failed:
+        return {"status": "not supported", "reason": "generate_batch: the requests failed "
+                "without capture: " + one_line(failed[0])}
+    with get_local.capture() as cache:
+        batched = lm.generate_batch(PROMPTS, generation_config=options, **paging)
+    tokens = {r: list(v.generated_tokens) for r, v in batched.items()}
+    if tokens != {r: list(v.generated_tokens) for r, v in plain.items()}:
+        return {"status": "missed", "reason": "capture changed the generated tokens"}
+    if sorted(requests(cache)) != sorted(batched):
+        return {"status": "missed", "reason": "maps of requests {} for requests {}".format(
+            sorted(requests(cache)), sorted(batched))}
+    for request, prompt in zip(batched, PROMPTS):
+        with torch.no_grad():
+            alone = eager.generate(torch.tensor([prompt]), max_new_tokens=PAGED_NEW_TOKENS,
+                                   do_sample=False, output_attentions=True,
+                                   return_dict_in_generate=True, pad_token_id=0)
+        layers = len(alone.attentions[0])
+        reference = [stitch([step[layer] for step in alone.attentions])
+                     for layer in range(layers)]
+        captured = [stitch(steps) for steps in
+                    steps_by_module(lm, cache, request=request).values()]
+        unmatched, why, _ = match_maps(reference, captured)
+        if why:
+            return {"status": "missed", "reason": "request {}: {}".format(request, why)}
+    return {"status": "covered", "reason": "{} requests, {} layers each, stitched".format(
+        len(PROMPTS), layers)}
 
 
 def sweep(families, implementations, jobs=1, timeout=300.0):

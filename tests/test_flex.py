@@ -36,15 +36,6 @@ def quiet_flex():
 KEY = "attention_module.<locals>.FlexAttention.forward"
 
 
-@pytest.fixture
-def warns_again():
-    """The warning about compiled graphs comes once per process: let this test see it."""
-    from visualizer.integrations import compile, flex
-
-    compile._seam_warned.discard(flex.COMPILED_MESSAGE)
-    yield
-
-
 def relative_bias(score, b, h, q_idx, kv_idx):
     """A score_mod: a bias by relative position and by head (so heads and rows matter)."""
     return score + 0.1 * (q_idx - kv_idx) + 0.05 * h

@@ -535,9 +535,41 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("script", [FRAMES_COMPILED_FIRST, CAPTURING_BEFORE_TORCH_IS_IMPORTED],
+SEAM_WITHOUT_EFFECTFUL_OPERATORS = """
+import warnings
+import torch
+import torch.nn.functional as F
+from visualizer import CaptureWarning
+from visualizer._get_local import GetLocal
+from visualizer.integrations import compile
+
+compile._support = False  # what _compile_support finds in a torch without them
+
+class Attention(torch.nn.Module):
+    def forward(self, q):
+        return F.scaled_dot_product_attention(q, q, q)
+
+gl = GetLocal()
+gl.watch_attention()
+compiled = torch.compile(Attention(), backend="eager", fullgraph=True)
+q = torch.randn(1, 2, 4, 8)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with gl.capture() as cache:
+        out = compiled(q)
+assert torch.equal(out, F.scaled_dot_product_attention(q, q, q))
+assert not cache.get("Attention.forward"), cache
+said = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+assert any("no effectful custom operators" in m and "captures nothing" in m for m in said), said
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("script", [FRAMES_COMPILED_FIRST, CAPTURING_BEFORE_TORCH_IS_IMPORTED,
+                                    SEAM_WITHOUT_EFFECTFUL_OPERATORS],
                          ids=["frames compiled before visualizer watched",
-                              "capturing before torch is imported"])
+                              "capturing before torch is imported",
+                              "the seam in a torch without effectful custom operators"])
 def test_orders_of_import_and_compile(script):
     """Unknown compiled frames make the first switch drop them all (torch.compiler.reset);
     recorders installed before dynamo is imported are prepared when it is."""

@@ -77,7 +77,11 @@ def watch_compiles():
     global _watching, _compiled_unseen
     if _watching is not None:
         return
-    _prepare_traced_call()
+    from . import flex
+
+    if not _prepare_traced_call(flex):  # a torch that cannot: say so when they are traced
+        for code in flex.wrapper_codes():
+            seam_code(code, flex.COMPILED_MESSAGE)
     try:
         from torch._dynamo import convert_frame
     except ImportError:  # pragma: no cover - every torch with dynamo has it
@@ -126,7 +130,7 @@ def seam_code(code, message):
 
 
 def _compiled_through_seam(code, message=None):
-    """Dynamo traced the kernel seam: it captures nothing in compiled graphs; say so once."""
+    """Dynamo traced a seam where this torch cannot capture in compiled graphs; say so once."""
     if not kernel.serving():
         return
     if (message or "seam") in _seam_warned:
@@ -137,8 +141,9 @@ def _compiled_through_seam(code, message=None):
                       stacklevel=2)
         return
     warnings.warn(
-        "visualizer: torch.compile compiled {} with attention kernels while capture is on; "
-        "inside compiled graphs the kernel seam captures nothing (the compiled model runs "
+        "visualizer: torch.compile compiled {} with attention kernels while capture is on, "
+        "and this torch has no effectful custom operators: inside its compiled graphs the "
+        "kernel seam captures nothing (the compiled model runs "
         "torch's kernel as it is). Capture from the eager model, or watch the function "
         "that computes the attention on its eager path, e.g. get_local.watch("
         "'timm.layers.attention.Attention.forward', 'attn', overrides={{'fused_attn': "
@@ -775,16 +780,14 @@ _take_constant_site = _comptime = _call_op = _flex = None
 _TRACED_CODES = frozenset()
 
 
-def _prepare_traced_call():
-    """Make the seam call ``traced_call`` while dynamo traces it (once; False if it cannot)."""
+def _prepare_traced_call(flex):
+    """Make the seams call ``traced_call`` while dynamo traces them (once; False if it cannot)."""
     global _take_constant_site, _comptime, _call_op, _TRACED_CODES, _flex
     if _call_op is not None:
         return True
     support = _compile_support()
     if not support:
         return False
-    from . import flex
-
     _take_constant_site = sys.modules["torch"]._dynamo.assume_constant_result(_take_site)
     _comptime, _call_op = support.comptime, support.call_op
     _TRACED_CODES = frozenset(

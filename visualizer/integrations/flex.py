@@ -55,9 +55,9 @@ TRANSFORMERS_MODULE = "transformers.integrations.flex_attention"
 _POSITIONAL = ("score_mod", "block_mask", "scale", "enable_gqa", "return_lse", "kernel_options")
 
 COMPILED_MESSAGE = (
-    "visualizer: torch.compile compiled {} with flex attention while capture is on; inside "
-    "compiled graphs flex attention captures nothing (the compiled model runs torch's kernel "
-    "as it is). Capture from the eager model: for transformers, a model built with "
+    "visualizer: torch.compile compiled {} with flex attention while capture is on, and this "
+    "torch has no effectful custom operators: inside its compiled graphs flex attention "
+    "captures nothing (the compiled model runs torch's kernel as it is). Capture from the eager model: for transformers, a model built with "
     "attn_implementation='flex_attention' and not compiled captures its maps (it compiles "
     "flex attention itself, which visualizer sees through), or build it with "
     "attn_implementation='eager' or 'sdpa'.")
@@ -281,8 +281,4 @@ def install():
     for patch in (_TORCH, _TRANSFORMERS):
         kernel.also_patch(patch)
         _imports.when_imported(patch.module, lambda module, patch=patch: kernel.also_patch(patch))
-    from . import compile
 
-    for wrapper in (flex_attention, compile_friendly_flex_attention,
-                    compiled_flex_attention(None)):
-        compile.seam_code(wrapper.__code__, COMPILED_MESSAGE)

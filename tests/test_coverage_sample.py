@@ -92,3 +92,26 @@ def test_captured_maps_equal_the_reference_and_outputs_are_unchanged(library, na
 def test_attention_without_a_probability_matrix_is_reported_as_such(library, name):
     result = _check(library, name)
     assert result["status"] == "no attention", result
+
+
+def test_the_implementations_table_for_llama_is_measured_not_written():
+    """A sample of ``benchmarks.coverage.implementations``: Llama in every implementation."""
+    require("torch")
+    transformers = require("transformers")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "COVERAGE.md")
+        with open(out, "w") as f:
+            f.write("# Coverage\n\nkept\n")
+        done = subprocess.run([sys.executable, "-m", "benchmarks.coverage.implementations",
+                               "--only", "llama", "--out", out], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=1800)
+        assert done.returncode == 0, done.stdout[-3000:]
+        with open(out) as f:
+            text = f.read()
+    assert text.startswith("# Coverage\n\nkept\n")  # the architecture sweep's part is kept
+    row = [line for line in text.splitlines() if line.startswith("| llama |")]
+    cells = [c.strip() for c in row[0].strip("|").split("|")][1:]
+    paged = hasattr(transformers.GenerationMixin, "generate_batch")
+    # eager, sdpa, flex, compiled sdpa, compiled flex, paged: all covered; flash not measured
+    assert cells == ["✓"] * 5 + ["✓" if paged else "–", "·"], done.stdout[-3000:]

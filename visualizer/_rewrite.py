@@ -112,7 +112,10 @@ SOFTMAX = "softmax"  # the result of a marked call, or that result through dropo
 MIXED = "mixed"      # computed from such results otherwise: gated, mixed across heads, ...
 # Calls that keep a softmax the softmax it was (a dtype cast, a copy).
 _KEEPING = frozenset({"to", "type_as", "contiguous", "float", "half", "bfloat16", "type",
-                      "clone", "detach"})
+                      "clone", "detach",
+                      # a new shape of the same map (BLOOM's view before its bmm)
+                      "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten",
+                      "squeeze", "unsqueeze", "transpose", "permute"})
 _MATMUL_CALLS = frozenset({"matmul", "bmm"})
 
 

@@ -349,6 +349,23 @@ def make_record_locals(target):
     return record_locals
 
 
+def _same_map(value, softmax):
+    """Whether ``value`` is ``softmax`` itself or a view of it (a reshape, as BLOOM's ``bmm`` takes).
+
+    A branch not taken (a ``head_mask`` product) leaves the map that multiplies
+    the values the stored softmax: it is kept once, under the softmax's key.
+    """
+    if value is softmax:
+        return True
+    pointer = getattr(value, "data_ptr", None)
+    other = getattr(softmax, "data_ptr", None)
+    try:
+        return pointer is not None and other is not None and pointer() == other() and \
+            value.numel() == softmax.numel() and value.dtype == softmax.dtype
+    except Exception:  # not tensors after all
+        return False
+
+
 def _frame(target, state):
     """The frame of the function whose recorder calls this, where it is needed, else None.
 
@@ -430,7 +447,7 @@ def make_record(state, target):
                     state.capture(target, source, (probs,), frame)
                 if applied is not None:  # the maps ``@`` took, unless a softmax stored
                     for probs in args[-2]:
-                        if not any(probs is softmax for softmax in stored):
+                        if not any(_same_map(probs, softmax) for softmax in stored):
                             state.capture(applied, source, (probs,), frame)
                 if state.supplying:  # the attention calls made inside it
                     for probs in state.take_supplied(frame) or ():

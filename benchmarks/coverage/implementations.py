@@ -196,8 +196,9 @@ def markdown(results, families, implementations, seconds):
              "Each cell: the family's tiny model switched to that implementation, checked under "
              "capture against `output_attentions=True` under eager (every map equal, 1e-5) with "
              "the outputs `torch.equal` to the same implementation without capture; compiled: "
-             "`torch.compile(model, backend='aot_eager')`. ✓ covered, ✗ missed, – the library "
-             "has no such implementation for the family, · not measured here. transformers {}, "
+             "`torch.compile(model, backend='aot_eager')`. ✓ covered, ✗ missed, – not available "
+             "(the library has no such implementation for the family, or it fails without "
+             "capture: the reason is below), · not measured here. transformers {}, "
              "torch {}, {} (`python -m benchmarks.coverage.implementations`, {:.0f} s).".format(
                  transformers.__version__, torch.__version__.split("+")[0],
                  time.strftime("%Y-%m-%d"), seconds), ""]

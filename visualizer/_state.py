@@ -359,9 +359,14 @@ def _same_map(value, softmax):
         return True
     pointer = getattr(value, "data_ptr", None)
     other = getattr(softmax, "data_ptr", None)
+    if pointer is None or other is None:
+        return False
     try:
-        return pointer is not None and other is not None and pointer() == other() and \
-            value.numel() == softmax.numel() and value.dtype == softmax.dtype
+        pointer, other = pointer(), other()
+        if type(pointer) is not int or type(other) is not int:  # torch.fx Proxies, say
+            return False
+        return pointer == other and value.numel() == softmax.numel() and \
+            value.dtype == softmax.dtype
     except Exception:  # not tensors after all
         return False
 

@@ -183,8 +183,9 @@ def _probabilities(torch, call, queries, heads):
     dtype = q.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
-    q = q.to(work) * scale  # on q: fewer numbers than the scores
-    k = k.to(work)
+    if work is not dtype:
+        q, k = q.to(work), k.to(work)
+    q = q * scale  # on q: fewer numbers than the scores
     scores = _grouped_matmul(torch, q, k.transpose(-2, -1), group, k_heads)
     if call.is_causal:
         positions = torch.arange(length, device=device) if rows is None else torch.tensor(
@@ -197,7 +198,7 @@ def _probabilities(torch, call, queries, heads):
         if head_index is not None and mask.dim() >= 3 and mask.shape[-3] != 1:
             mask = mask.index_select(-3, head_index)
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = torch.where(mask, scores, float("-inf"))  # one op, not ~mask + fill
         else:
             scores = scores + mask.to(work)
     safe = getattr(torch, "_safe_softmax", None)
@@ -209,7 +210,7 @@ def _probabilities(torch, call, queries, heads):
         probs = safe(scores, -1)
     else:  # pragma: no cover - torch before 2.5: fully masked rows are zeros there too
         probs = torch.softmax(scores, -1).nan_to_num(0.0)
-    return probs.to(dtype)
+    return probs if probs.dtype is dtype else probs.to(dtype)
 
 
 def _pick_heads(torch, q, k, heads):

@@ -394,6 +394,7 @@ class Patch:
         self.original = None  # the library's own function, once seen
         self.holders = []     # (namespace, name, what it held, what replaces it)
         self.scanned = {}     # module name -> module, namespaces already looked through
+        self.mark = None      # (module count, last module's name, its id) at the last scan
 
     def patch(self):
         """Put the wrappers in place everywhere the original is bound; False if not importable yet."""
@@ -419,8 +420,15 @@ class Patch:
 
     def scan(self):
         """Note each global that holds the original or the wrapper, in modules not seen yet."""
+        modules = sys.modules
+        # Nothing imported or re-imported since the last scan (an import, or a module
+        # deleted and imported again, changes the last entry): nothing new to look at.
+        last = next(reversed(modules), None)
+        mark = (len(modules), last, id(modules.get(last)))
+        if mark == self.mark:
+            return
         original, wrapper, skip = self.original, self.wrapper, self.skip
-        for name, module in list(sys.modules.items()):
+        for name, module in list(modules.items()):
             if module is None or self.scanned.get(name) is module:
                 continue
             self.scanned[name] = module
@@ -435,6 +443,7 @@ class Patch:
                 elif self.compiled is not None and type(value) is types.FunctionType and \
                         value.__dict__.get("_torchdynamo_orig_callable") is original:
                     self.holders.append((namespace, attr, value, self.compiled(value)))
+        self.mark = mark
 
 
 _PATCHES = []  # more functions that the seam replaces while it is in place (``also_patch``)

@@ -149,7 +149,8 @@ def test_the_kernel_seam_captures_inside_compiled_timm_models(seam, fresh_dynamo
     torch = fresh_dynamo
     timm = require("timm")
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
+    shallow = {"depth": 4} if name.startswith("vit") else {"depths": (1, 1, 2, 1)}
+    model = timm.create_model(name, pretrained=False, **shallow).eval()  # compiles faster
     for m in model.modules():  # Swin's fused path is off by default ("experimental")
         if hasattr(m, "fused_attn"):
             m.fused_attn = True
@@ -159,7 +160,7 @@ def test_the_kernel_seam_captures_inside_compiled_timm_models(seam, fresh_dynamo
     assert torch.equal(out, plain)  # the same compiled model without capture
     captured = seam.by_module(model, cache)
     reference = timm_with_attn_drop_hooks(torch, model, x)
-    assert sorted(captured) == sorted(reference) and len(reference) in (12, 24)
+    assert sorted(captured) == sorted(reference) and len(reference) == 4 + name.startswith("swin")
     for module_name, maps in captured.items():
         assert len(maps) == 1
         np.testing.assert_allclose(maps[0], reference[module_name], rtol=1e-4, atol=1e-5)

@@ -216,17 +216,23 @@ def tiny_bert(transformers):
     return transformers.BertModel(config, add_pooling_layer=False).eval()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("build, key, padded_rows", [
     (tiny_llama, "LlamaAttention.forward", slice(2, None)),  # left padding: real query rows
     (tiny_bert, "BertSelfAttention.forward", slice(None)),   # right padding: keys hidden
 ], ids=["llama (grouped-query heads, left padding)", "bert (right padding)"])
-def test_transformers_flex_attention_maps_equal_eager_attentions(seam, build, key, padded_rows):
-    """attn_implementation='flex_attention' runs a torch.compile'd flex attention: captured."""
+def test_transformers_flex_attention_maps_equal_eager_attentions(seam, build, key, padded_rows,
+                                                                 compiled):
+    """attn_implementation='flex_attention' runs a torch.compile'd flex attention: captured.
+
+    Under ``torch.compile(model)`` dynamo traces transformers' flex call: the
+    maps of the eager model, from the compiled graph.
+    """
     flex_module()
     torch = sys.modules["torch"]
     transformers = require("transformers")
     np = require("numpy")
-    torch.manual_seed(6)
+    torch.manual_seed(7 if compiled else 6)
     model = build(transformers)
     if not getattr(model, "_supports_flex_attn", False):
         pytest.skip("this transformers has no flex attention for {}".format(type(model).__name__))
@@ -235,10 +241,11 @@ def test_transformers_flex_attention_maps_equal_eager_attentions(seam, build, ke
     if build is tiny_bert:
         mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     model.set_attn_implementation("flex_attention")
+    run = torch.compile(model, backend="aot_eager") if compiled else model
     with torch.no_grad():
-        plain = model(input_ids=ids, attention_mask=mask)[0]
+        plain = run(input_ids=ids, attention_mask=mask)[0]
         with seam.capture() as cache:
-            out = model(input_ids=ids, attention_mask=mask)[0]
+            out = run(input_ids=ids, attention_mask=mask)[0]
         model.set_attn_implementation("eager")
         eager = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
     assert torch.equal(out, plain)
@@ -251,39 +258,3 @@ def test_transformers_flex_attention_maps_equal_eager_attentions(seam, build, ke
                                    atol=1e-5)
     assert list(seam.by_module(model, cache))[0].endswith("layers.0.self_attn") or \
         list(seam.by_module(model, cache))[0] == "encoder.layer.0.attention.self"
-
-
-@pytest.mark.parametrize("build, key, padded_rows", [
-    (tiny_llama, "LlamaAttention.forward", slice(2, None)),
-    (tiny_bert, "BertSelfAttention.forward", slice(None)),
-], ids=["llama (grouped-query heads, left padding)", "bert (right padding)"])
-def test_a_compiled_transformers_model_with_flex_attention(seam, build, key, padded_rows):
-    """torch.compile(model) traces transformers' flex call: the maps of the eager model."""
-    flex_module()
-    torch = sys.modules["torch"]
-    transformers = require("transformers")
-    np = require("numpy")
-    torch.manual_seed(7)
-    model = build(transformers)
-    if not getattr(model, "_supports_flex_attn", False):
-        pytest.skip("this transformers has no flex attention for {}".format(type(model).__name__))
-    model.set_attn_implementation("flex_attention")
-    ids = torch.tensor([[1, 5, 7, 9, 11, 4], [0, 0, 5, 8, 3, 2]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
-    if build is tiny_bert:
-        mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    compiled = torch.compile(model, backend="aot_eager")
-    with torch.no_grad():
-        plain = compiled(input_ids=ids, attention_mask=mask)[0]
-        with seam.capture() as cache:
-            out = compiled(input_ids=ids, attention_mask=mask)[0]
-        model.set_attn_implementation("eager")
-        eager = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-    assert torch.equal(out, plain)
-    maps = cache[key]
-    assert len(maps) == 2
-    for got, want in zip(maps, eager):
-        want = want.numpy()
-        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(got[1, :, padded_rows], want[1, :, padded_rows], rtol=1e-5,
-                                   atol=1e-5)

@@ -226,18 +226,25 @@ def markdown(results, families, implementations, seconds):
     return "\n".join(lines)
 
 
+def marked(path):
+    """``(before, table, after)``: the file at ``path`` around its marked table ('' where none)."""
+    text = ""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    if MARK_START not in text or MARK_END not in text:
+        return text, "", ""
+    start, end = text.index(MARK_START), text.index(MARK_END) + len(MARK_END)
+    return text[:start], text[start:end], text[end:]
+
+
 def write(table, out):
     """Put ``table`` in place of the marked part of ``out`` (appended if there is none)."""
-    text = ""
-    if out and os.path.exists(out):
-        with open(out) as f:
-            text = f.read()
-    if MARK_START in text and MARK_END in text:
-        before = text[:text.index(MARK_START)]
-        after = text[text.index(MARK_END) + len(MARK_END):].lstrip("\n")
-        text = before + table + after
+    before, old, after = marked(out)
+    if old:
+        text = before + table + after.lstrip("\n")
     else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + table
+        text = before.rstrip("\n") + ("\n\n" if before else "") + table
     if out:
         with open(out, "w") as f:
             f.write(text)

@@ -147,14 +147,11 @@ def main(argv=None):
 
 
 def _write(text, out):
-    from .implementations import MARK_END, MARK_START
+    from .implementations import marked
 
-    if out and os.path.exists(out):  # keep the implementations table (implementations.py)
-        with open(out) as f:
-            kept = f.read()
-        if MARK_START in kept and MARK_END in kept:
-            kept = kept[kept.index(MARK_START):kept.index(MARK_END) + len(MARK_END)]
-            text = text.rstrip("\n") + "\n\n" + kept + "\n"
+    kept = marked(out)[1]  # the implementations table (implementations.py) stays
+    if kept:
+        text = text.rstrip("\n") + "\n\n" + kept + "\n"
     if out:
         with open(out, "w") as f:
             f.write(text)

@@ -63,7 +63,7 @@ COMPILED_MESSAGE = (
     "attn_implementation='eager' or 'sdpa'.")
 
 
-class FlexCall:
+class FlexCall(kernel.AttentionCall):
     """The arguments of one flex attention call, with the interface of ``kernel.Call``.
 
     ``State.capture_call`` takes it: ``probabilities``, ``leaf_probabilities``
@@ -87,23 +87,9 @@ class FlexCall:
         self.scale = scale
         self.enable_gqa = enable_gqa
 
-    def replace(self, **changes):
-        """A copy with some arguments changed."""
-        fields = {name: getattr(self, name) for name in self.__slots__}
-        fields.update(changes)
-        return FlexCall(**fields)
-
     def probabilities(self, queries=None, heads=None, grad=False):
         """The attention probabilities of this call (see ``probabilities``)."""
         return probabilities(self, queries=queries, heads=heads, grad=grad)
-
-    def leaf_probabilities(self, queries=None, heads=None):
-        """The probabilities as a leaf that ``kernel.join`` gives its gradient."""
-        return kernel.leaf_probabilities(self, queries, heads)
-
-    def reduced(self, reduce, queries=None, heads=None, grad=False, running=None, owner=None):
-        """A reduction of this call's probabilities, computed in blocks of rows (``kernel.reduced``)."""
-        return kernel.reduced(self, reduce, queries, heads, grad, running, owner)
 
 
 def probabilities(call, queries=None, heads=None, grad=False):

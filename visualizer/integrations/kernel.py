@@ -50,7 +50,7 @@ from .._errors import CaptureWarning
 from .._state import Extension, request_key
 from ._common import Preset, head_count, warn_unsplit
 
-__all__ = ["Seam", "install", "uninstall", "adapter", "Call", "Patch", "also_patch", "deliver",
+__all__ = ["Seam", "install", "uninstall", "adapter", "AttentionCall", "Call", "Patch", "also_patch", "deliver",
            "deliver_traced", "trace_with", "states", "report", "code_info", "Computed", "exporting",
            "probabilities", "reduced",
            "reduce_map", "calls_seen", "compiling", "leaf_probabilities", "map_gradient", "join",
@@ -73,7 +73,32 @@ _failed = set()
 _thread = threading.local()  # .calls: kernel calls this thread made while the seam served
 
 
-class Call:
+class AttentionCall:
+    """What every attention call that ``State.capture_call`` takes does besides its maps.
+
+    A subclass names its arguments in ``__slots__`` (its constructor takes
+    them by those names) and defines ``probabilities(queries, heads, grad)``;
+    the leaf for ``join`` and the reductions come from there.
+    """
+
+    __slots__ = ()
+
+    def replace(self, **changes):
+        """A copy with some arguments changed."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return type(self)(**fields)
+
+    def leaf_probabilities(self, queries=None, heads=None):
+        """The probabilities as a leaf that ``join`` gives its gradient (see there)."""
+        return leaf_probabilities(self, queries, heads)
+
+    def reduced(self, reduce, queries=None, heads=None, grad=False, running=None, owner=None):
+        """A reduction of this call's probabilities, never computed in full (see ``reduced``)."""
+        return reduced(self, reduce, queries, heads, grad, running, owner)
+
+
+class Call(AttentionCall):
     """The arguments of one kernel call, by name (what ``State.capture_call`` takes)."""
 
     __slots__ = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -93,26 +118,12 @@ class Call:
         # The request of a packed batch this part of a call belongs to (see ``adapter``).
         self.request = request
 
-    def replace(self, **changes):
-        """A copy with some arguments changed."""
-        fields = {name: getattr(self, name) for name in self.__slots__}
-        fields.update(changes)
-        return Call(**fields)
-
     def probabilities(self, queries=None, heads=None, grad=False):
         """The attention probabilities of this call (see ``probabilities``)."""
         return probabilities(self, queries=queries, heads=heads, grad=grad)
 
-    def leaf_probabilities(self, queries=None, heads=None):
-        """The probabilities as a leaf that ``join`` gives its gradient (see there)."""
-        return leaf_probabilities(self, queries, heads)
 
-    def reduced(self, reduce, queries=None, heads=None, grad=False, running=None, owner=None):
-        """A reduction of this call's probabilities, never computed in full (see ``reduced``)."""
-        return reduced(self, reduce, queries, heads, grad, running, owner)
-
-
-class Computed:
+class Computed(AttentionCall):
     """A call whose full probabilities were computed already (inside a compiled graph).
 
     ``integrations.compile`` gives flex attention's calls of a compiled graph
@@ -140,19 +151,6 @@ class Computed:
                 if picked != list(range(probs.shape[axis])):
                     probs = probs.index_select(axis, torch.tensor(picked, device=probs.device))
         return probs
-
-    def leaf_probabilities(self, queries=None, heads=None):
-        """The probabilities as a leaf (see ``leaf_probabilities``)."""
-        maps = self.probabilities(queries, heads)
-        if sys.modules["torch"].is_grad_enabled() and maps.is_floating_point():
-            maps.requires_grad_(True)
-        return maps
-
-    def reduced(self, reduce, queries=None, heads=None, grad=False, running=None, owner=None):
-        """A reduction of the probabilities (see ``reduced``)."""
-        return attention.reduce_rows(lambda rows: self.probabilities(rows, heads, grad),
-                                     self.probs.shape[-2], self.probs.shape[-1], reduce, queries,
-                                     running, owner, ROWS_PER_CHUNK, self.probs)
 
 
 def probabilities(call, queries=None, heads=None, grad=False):
@@ -560,10 +558,6 @@ def deliver_traced(call, frame):
     """
     _thread.calls = getattr(_thread, "calls", 0) + 1
     return _seen(frame, call)
-
-
-def _tensor_type():
-    return sys.modules["torch"].Tensor
 
 
 def compiling():

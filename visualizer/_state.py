@@ -689,7 +689,12 @@ class State:
         if not store:
             return
         if target is None:
-            self.store(_call_target(key, qualname, source is not None), source, (probs,))
+            target = _call_target(key, qualname, source is not None)
+            if reduce is None and storage.convert_owned is not None and call.owns_maps:
+                # The call's maps are its own: kept as they are (no copy, no preparing).
+                self.add(target, source, (storage.convert_owned(probs),))
+            else:
+                self.store(target, source, (probs,))
         elif frame is not None:
             self.supply(frame, target, probs)
         else:
@@ -792,18 +797,24 @@ class State:
             return
         # Prepare every value before storing any, so a failing transform
         # leaves the lists of a multi-name capture aligned.
-        prepared = [storage.prepare(key, value, target.attention, source)
-                    for key, value in zip(keys, values)]
+        self.add(target, source, [storage.prepare(key, value, target.attention, source)
+                                  for key, value in zip(keys, values)])
+
+    def add(self, target, source, prepared):
+        """Append one call's prepared values to the cache (see ``put``), with its source."""
+        if not self.active:
+            return
         cache = self.cache
+        keep_last = self.storage.keep_last
         ref = _store.source_ref(source) if target.source is not None else _store.NO_SOURCE
         # One lock for the appends of one call, so that calls from other threads
         # cannot interleave between the lists of several names, or between a
         # value and its source.
         with self.store_lock:
-            for key, value in zip(keys, prepared):
+            for key, value in zip(target.keys, prepared):
                 cache.add(key, value, ref)
-                if storage.keep_last is not None:
-                    cache.trim(key, storage.keep_last)
+                if keep_last is not None:
+                    cache.trim(key, keep_last)
 
     def capture_failed(self, target, exc):
         seen = (target.qualname, type(exc).__name__)

@@ -94,6 +94,19 @@ def _cpu_copy(t):
     return t.cpu().numpy()
 
 
+def owned_to_numpy(tensor):
+    """``tensor_to_numpy`` of a tensor nothing else holds or writes (a map the seam computed).
+
+    On the CPU it is NumPy's view of the tensor, not a copy: the tensor is
+    no view of a larger one and no model can change it in place.
+    """
+    torch = sys.modules["torch"]
+    if tensor.is_cpu and not tensor.requires_grad and tensor.dtype not in (
+            torch.float16, torch.bfloat16) and not torch.jit.is_tracing():
+        return tensor.numpy()
+    return tensor_to_numpy(tensor)
+
+
 def to_numpy(value):
     """Return ``value`` as the default storage keeps it: a tensor as ``tensor_to_numpy``, else as is."""
     if is_tensor(value):

@@ -125,8 +125,7 @@ def _probabilities(torch, call, queries, heads):
         q, rows = kernel._pick_rows(torch, q, queries)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     # As _math_attention_inner: (q kᵀ) in the working precision, then the scale.
-    scores = kernel._grouped_matmul(torch, q.to(work), k.to(work).transpose(-2, -1), group,
-                                    k_heads) * scale
+    scores = kernel._grouped_matmul(torch, q.to(work), k.to(work), group, k_heads) * scale
     b = torch.arange(scores.shape[0], device=device)
     h = head_index if head_index is not None else torch.arange(q_heads, device=device)
     m = torch.arange(length, device=device) if rows is None else torch.tensor(rows,

@@ -82,6 +82,9 @@ class AttentionCall:
     """
 
     __slots__ = ()
+    # Whether ``probabilities`` returns a tensor nothing else holds or writes, no view of
+    # a larger one: storage may then keep it without a copy (``Storage.convert_owned``).
+    owns_maps = False
 
     def replace(self, **changes):
         """A copy with some arguments changed."""
@@ -104,6 +107,7 @@ class Call(AttentionCall):
     __slots__ = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                  "enable_gqa", "request")
     name = NAME
+    owns_maps = True  # ``probabilities`` computes a new tensor each time
 
     def __init__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                  scale=None, enable_gqa=False, request=None):
@@ -183,8 +187,7 @@ def _probabilities(torch, call, queries, heads):
     scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
     if work is not dtype:
         q, k = q.to(work), k.to(work)
-    q = q * scale  # on q: fewer numbers than the scores
-    scores = _grouped_matmul(torch, q, k.transpose(-2, -1), group, k_heads)
+    scores = _grouped_matmul(torch, q, k, group, k_heads, scale)
     if call.is_causal:
         positions = torch.arange(length, device=device) if rows is None else torch.tensor(
             rows, device=device)
@@ -239,6 +242,11 @@ def _pick_heads(torch, q, k, heads):
 def _pick_rows(torch, q, queries):
     """``(q, rows)``: the query rows ``queries`` picks (``rows`` None when all are kept)."""
     length = q.shape[-2]
+    if type(queries) is int and -length <= queries < length:  # one row, the common case
+        if length == 1:
+            return q, None
+        first = queries % length
+        return q.narrow(-2, first, 1), [first]
     picked = attention.positions(queries, length, "queries")
     if picked == list(range(length)):
         return q, None
@@ -248,19 +256,50 @@ def _pick_rows(torch, q, queries):
     return q.index_select(-2, torch.tensor(picked, dtype=torch.long, device=q.device)), picked
 
 
-def _grouped_matmul(torch, a, b, group, k_heads):
-    """``a @ b`` per head when ``group`` query heads share each of ``k_heads`` heads of ``b``.
+def _grouped_matmul(torch, a, b, group, k_heads, scale=1.0):
+    """``a @ bᵀ · scale`` per head when ``group`` query heads share each of ``k_heads`` heads of ``b``.
 
-    ``a`` is ``(..., q_heads, L, D)`` and ``b`` ``(..., k_heads, D, S)``;
-    ``b`` is never repeated: the rows of the ``group`` query heads that read
-    one head of ``b`` are stacked, ``(..., kv, group x L, D) @ (..., kv, D, S)``,
-    one plain batched matmul (a broadcast one costs about twice as much).
+    ``a`` is ``(..., q_heads, L, D)`` and ``b`` ``(..., k_heads, S, D)`` (a
+    key or a value, not transposed); ``b`` is never repeated: the rows of
+    the query heads that read one head of ``b`` are stacked,
+    ``(n · kv, group · L, D) @ (n · kv, D, S)``, one plain batched matmul
+    with ``scale`` as its factor (``baddbmm``: on a decoding step about a
+    third of a broadcast matmul after a multiplication).  Shapes that
+    broadcast against each other take ``matmul``.
     """
-    if group == 1:
-        return torch.matmul(a, b)
     shape = a.shape
-    out = torch.matmul(a.reshape(shape[:-3] + (k_heads, group * shape[-2], shape[-1])), b)
-    return out.reshape(shape[:-3] + (k_heads * group, shape[-2], b.shape[-1]))
+    if a.dim() >= 3 and b.dim() == a.dim() and shape[:-3] == b.shape[:-3]:
+        per_head = shape[-3] // b.shape[-3]  # ``group``, or 1 once heads were picked
+        if per_head * b.shape[-3] == shape[-3]:
+            depth, keys = shape[-1], b.shape[-2]
+            out = torch.baddbmm(_zero(torch, a), a.reshape(-1, per_head * shape[-2], depth),
+                                b.reshape(-1, keys, depth).transpose(1, 2), beta=0,
+                                alpha=scale)
+            return out.view(*shape[:-1], keys)  # (a Size + a tuple costs 1.4 us more)
+    b = b.transpose(-2, -1)
+    if group == 1:
+        out = torch.matmul(a, b)
+    else:
+        out = torch.matmul(a.reshape(shape[:-3] + (k_heads, group * shape[-2], shape[-1])), b)
+        out = out.reshape(shape[:-3] + (k_heads * group, shape[-2], b.shape[-1]))
+    return out if scale == 1.0 else out * scale
+
+
+_zeros = {}  # (dtype, device) -> a zero-dimensional tensor: ``baddbmm``'s ignored input
+
+
+def _zero(torch, like):
+    """A zero-dimensional tensor of ``like``'s dtype and device.
+
+    Kept for the next call when ``like`` is a plain tensor outside a compiler's
+    tracing (never a fake tensor or a subclass, whose mode must make its own).
+    """
+    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
+        return like.new_zeros(())
+    found = _zeros.get((like.dtype, like.device))
+    if found is None:
+        found = _zeros[(like.dtype, like.device)] = like.new_zeros(())
+    return found
 
 
 # -- installing the seam --------------------------------------------------------------
@@ -712,7 +751,7 @@ def _map_gradient(torch, grad_out, v, shape, queries, heads):
         grad, _ = _pick_rows(torch, grad, queries)
     dtype = grad.dtype
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    return _grouped_matmul(torch, grad.to(work), v.to(work).transpose(-2, -1), group,
+    return _grouped_matmul(torch, grad.to(work), v.to(work), group,
                            v_heads).to(dtype)
 
 

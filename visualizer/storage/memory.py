@@ -31,8 +31,8 @@ import weakref
 
 from .._errors import CaptureWarning, VisualizerTypeError, VisualizerValueError
 # The recorder (_state.make_record) reads plain_types and to_numpy from this module.
-from ..attention import (check_reduce, check_selection, is_tensor, plain_types,  # noqa: F401
-                         reduce_map, select, to_numpy)
+from ..attention import (check_reduce, check_selection, is_tensor, owned_to_numpy,  # noqa: F401
+                         plain_types, reduce_map, select, to_numpy)
 
 KINDS = ("numpy", "tensor", "graph", "none")
 
@@ -50,13 +50,15 @@ def _as_is(value):
 
 
 _CONVERTERS = {"numpy": to_numpy, "tensor": _detached_copy, "graph": _as_is, "none": None}
+# For a tensor nothing else holds or writes (``Storage.convert_owned``): no copy needed.
+_OWNED_CONVERTERS = {"numpy": owned_to_numpy, "tensor": _as_is, "graph": _as_is, "none": None}
 
 
 class Storage:
     """One storage configuration: kind, transform and bound (immutable)."""
 
-    __slots__ = ("kind", "transform", "keep_last", "convert", "queries", "heads", "reduce",
-                 "stream", "append", "running", "grad", "warned")
+    __slots__ = ("kind", "transform", "keep_last", "convert", "convert_owned", "queries",
+                 "heads", "reduce", "stream", "append", "running", "grad", "warned")
 
     def __init__(self, kind="numpy", transform=None, keep_last=None, queries=None, heads=None,
                  reduce=None, stream=None, grad=False, append=False):
@@ -102,6 +104,9 @@ class Storage:
         self.stream = stream
         self.append = append
         self.convert = _CONVERTERS[kind]
+        # A value that nothing else holds (an attention map the kernel seam computed) is
+        # stored by this, with no copy, when nothing transforms it (see ``State.capture_call``).
+        self.convert_owned = _OWNED_CONVERTERS[kind] if transform is None and not grad else None
         self.grad = grad
         self.warned = set()  # keys warned about: a tensor that can receive no gradient
 

@@ -136,7 +136,116 @@ def run(cfg, notes):
         text += "\n\n" + gpt_text
         memory_text, summary["memory"] = memory(cfg, notes)
         text += "\n\n" + memory_text
+        call_text, summary["per_call"] = per_call(cfg, notes)
+        text += "\n\n" + call_text
     return text, summary
+
+
+# ---------------------------------------------------------------------------
+# One kernel call of a decoding step: the kernel, its probabilities, capturing it
+# ---------------------------------------------------------------------------
+
+KERNEL = "the module's kernel call (no capture)"
+PROBS = "kernel.probabilities(call, queries=-1) alone"
+ARITHMETIC = "the kernel call, then its probabilities, kept (no capture)"
+CAPTURING = "the kernel call, capture(queries=-1)"
+
+
+def per_call(cfg, notes):
+    """Time one decoding step's kernel call: alone, with its arithmetic, and captured.
+
+    The shapes of the tiny Llama's step (``q`` ``(1, 4, 1, 16)``, ``k``/``v``
+    ``(1, 2, 128, 16)``, grouped-query heads), without a mask (what
+    ``generate()`` passes for an unpadded batch) and with a boolean mask (a
+    padded batch).  The arithmetic is the kernel call followed by its
+    probabilities (``kernel.probabilities``, the new row), each kept as the
+    capture keeps it, with no capture; the seam's own work per call, its
+    bookkeeping, is the captured call less that (minimum per call over the
+    rounds of each).  The target is 10 µs.  One thread: these small ops use
+    one, and a second only adds noise.
+    """
+    torch = _env.setup_torch()
+    from visualizer import get_local
+    from visualizer.integrations import kernel
+
+    F = torch.nn.functional
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    step = Step()
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 1, 16, generator=generator)
+    k, v = (torch.randn(1, 2, 128, 16, generator=generator) for _ in range(2))
+    bool_mask = torch.ones(1, 1, 1, 128, dtype=torch.bool)
+    bool_mask[..., :5] = False  # left padding
+    n = cfg["seam_calls"]
+    table, summary = [], {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for label, mask in (("no mask", None), ("boolean mask", bool_mask)):
+                call = kernel.Call(q, k, v, attn_mask=mask, enable_gqa=True)
+                with get_local.capture(queries=-1) as cache:
+                    step(q, k, v, mask)
+                (got,) = cache[Step.forward.__qualname__]
+                want = kernel.probabilities(call, -1).numpy()
+                if not (got.shape == want.shape == (1, 4, 1, 128) and (got == want).all()):
+                    raise AssertionError("per call ({}): the captured row is not the call's "
+                                         "probabilities".format(label))
+                us = _per_call_times(get_local, kernel, step, (q, k, v, mask), n,
+                                     cfg["seam_rounds"])
+                bookkeeping = us[CAPTURING] - us[ARITHMETIC]
+                summary[label] = dict(us, bookkeeping=bookkeeping)
+                for name in (KERNEL, PROBS, ARITHMETIC, CAPTURING):
+                    table.append([label, name, "{:.1f}".format(us[name])])
+                table.append([label, "bookkeeping (capturing - arithmetic)",
+                              "{:.1f}".format(bookkeeping)])
+    finally:
+        torch.set_num_threads(threads)
+    notes.append("generation, per kernel call: one decoding step's call of the tiny Llama's "
+                 "shapes, q (1, 4, 1, 16), k/v (1, 2, 128, 16), grouped-query heads, 1 thread; "
+                 "{} calls per round, {} rounds interleaved, the minimum per call; the gate "
+                 "checked that the captured row equals the call's probabilities.".format(
+                     n, cfg["seam_rounds"]))
+    return markdown(["decoding step", "per kernel call", "µs (min)"], table), summary
+
+
+def _per_call_times(get_local, kernel, step, args, n, rounds):
+    """{variant: µs per call} of ``per_call``'s variants, interleaved round by round."""
+    q, k, v, mask = args
+    kept = []
+    scope = {}
+
+    def enter():
+        scope["capture"] = get_local.capture(queries=-1)
+        scope["capture"].__enter__()
+
+    def leave():
+        scope.pop("capture").__exit__(None, None, None)
+        get_local.clear()
+
+    def arithmetic():
+        out = step(q, k, v, mask)
+        kept.append(kernel.probabilities(kernel.Call(q, k, v, attn_mask=mask, enable_gqa=True),
+                                         -1).numpy())
+        return out
+
+    def loop(fn):
+        def run():
+            for _ in range(n):
+                fn()
+        return run
+
+    call = kernel.Call(q, k, v, attn_mask=mask, enable_gqa=True)
+    variants = [Variant(KERNEL, loop(lambda: step(q, k, v, mask))),
+                Variant(PROBS, loop(lambda: kernel.probabilities(call, -1))),
+                Variant(ARITHMETIC, loop(arithmetic), exit=kept.clear),
+                Variant(CAPTURING, loop(lambda: step(q, k, v, mask)), enter, leave)]
+    times = interleave(variants, rounds, warmup=1)
+    return {name: min(values) / n * 1e6 for name, values in times.items()}
 
 
 # ---------------------------------------------------------------------------

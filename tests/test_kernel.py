@@ -57,6 +57,9 @@ CASES = {
     "additive mask, broadcast over batch": dict(mask="float"),
     "grouped-query heads (enable_gqa)": dict(enable_gqa=True, kv_heads=2),
     "one key/value head, broadcast": dict(kv_heads=1),
+    "keys and values broadcast over the batch": dict(kv_batch=1),
+    "grouped-query heads, keys broadcast over the batch": dict(enable_gqa=True, kv_heads=2,
+                                                               kv_batch=1),
 }
 
 
@@ -65,11 +68,11 @@ def test_a_module_calling_the_kernel_matches_a_handwritten_softmax(seam, case):
     torch = require("torch")
     spec = dict(CASES[case])
     L, S = spec.pop("L", 5), spec.pop("S", 5)
-    kv_heads = spec.pop("kv_heads", 4)
+    kv_heads, kv_batch = spec.pop("kv_heads", 4), spec.pop("kv_batch", 2)
     mask_kind = spec.pop("mask", None)
     torch.manual_seed(0)
     q = torch.randn(2, 4, L, 8)
-    k, v = torch.randn(2, kv_heads, S, 8), torch.randn(2, kv_heads, S, 8)
+    k, v = torch.randn(kv_batch, kv_heads, S, 8), torch.randn(kv_batch, kv_heads, S, 8)
     mask = None
     if mask_kind == "bool":
         mask = torch.rand(2, 1, L, S) > 0.3

@@ -94,6 +94,10 @@ def _cpu_copy(t):
     return t.cpu().numpy()
 
 
+def _tracing():
+    return sys.modules["torch"].jit.is_tracing()
+
+
 def owned_to_numpy(tensor):
     """``tensor_to_numpy`` of a tensor nothing else holds or writes (a map the seam computed).
 
@@ -101,8 +105,9 @@ def owned_to_numpy(tensor):
     no view of a larger one and no model can change it in place.
     """
     torch = sys.modules["torch"]
-    if tensor.is_cpu and not tensor.requires_grad and tensor.dtype not in (
-            torch.float16, torch.bfloat16) and not torch.jit.is_tracing():
+    dtype = tensor.dtype
+    if tensor.is_cpu and not tensor.requires_grad and dtype is not torch.float16 and \
+            dtype is not torch.bfloat16 and not getattr(torch._C, "_is_tracing", _tracing)():
         return tensor.numpy()
     return tensor_to_numpy(tensor)
 

@@ -124,7 +124,7 @@ class Call(AttentionCall):
 
     def probabilities(self, queries=None, heads=None, grad=False):
         """The attention probabilities of this call (see ``probabilities``)."""
-        return probabilities(self, queries=queries, heads=heads, grad=grad)
+        return probabilities(self, queries, heads, grad)
 
 
 class Computed(AttentionCall):
@@ -176,29 +176,33 @@ def probabilities(call, queries=None, heads=None, grad=False):
 
 def _probabilities(torch, call, queries, heads):
     q, k, mask = call.query, call.key, call.attn_mask
-    length, keys = q.shape[-2], k.shape[-2]
-    device = q.device
-    q, k, head_index, group, q_heads, k_heads = _pick_heads(torch, q, k, heads)
+    length = q.shape[-2]
+    head_index = group = k_heads = None  # (``_grouped_matmul`` reads the heads' layout itself)
+    if heads is not None:
+        q, k, head_index, group, _, k_heads = _pick_heads(torch, q, k, heads)
     rows = None  # the query positions kept, when not all
     if queries is not None:
         q, rows = _pick_rows(torch, q, queries)
     dtype = q.dtype
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+    work = torch.float32 if dtype is torch.float16 or dtype is torch.bfloat16 else dtype
+    scale = call.scale
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
     if work is not dtype:
         q, k = q.to(work), k.to(work)
     scores = _grouped_matmul(torch, q, k, group, k_heads, scale)
     if call.is_causal:
+        device = q.device
         positions = torch.arange(length, device=device) if rows is None else torch.tensor(
             rows, device=device)
-        allowed = positions[:, None] >= torch.arange(keys, device=device)[None, :]
+        allowed = positions[:, None] >= torch.arange(k.shape[-2], device=device)[None, :]
         scores = scores.masked_fill(~allowed, float("-inf"))
     if mask is not None:
         if rows is not None and mask.dim() >= 2 and mask.shape[-2] == length != 1:
             mask = mask[..., rows, :]
         if head_index is not None and mask.dim() >= 3 and mask.shape[-3] != 1:
             mask = mask.index_select(-3, head_index)
-        if mask.dtype == torch.bool:
+        if mask.dtype is torch.bool:
             scores = torch.where(mask, scores, float("-inf"))  # one op, not ~mask + fill
         else:
             scores = scores + mask.to(work)
@@ -256,26 +260,29 @@ def _pick_rows(torch, q, queries):
     return q.index_select(-2, torch.tensor(picked, dtype=torch.long, device=q.device)), picked
 
 
-def _grouped_matmul(torch, a, b, group, k_heads, scale=1.0):
+def _grouped_matmul(torch, a, b, group=None, k_heads=None, scale=1.0):
     """``a @ bᵀ · scale`` per head when ``group`` query heads share each of ``k_heads`` heads of ``b``.
 
     ``a`` is ``(..., q_heads, L, D)`` and ``b`` ``(..., k_heads, S, D)`` (a
-    key or a value, not transposed); ``b`` is never repeated: the rows of
-    the query heads that read one head of ``b`` are stacked,
-    ``(n · kv, group · L, D) @ (n · kv, D, S)``, one plain batched matmul
-    with ``scale`` as its factor (``baddbmm``: on a decoding step about a
-    third of a broadcast matmul after a multiplication).  Shapes that
-    broadcast against each other take ``matmul``.
+    key or a value, not transposed); ``group`` and ``k_heads`` as
+    ``_pick_heads`` gives them (read from the shapes when None).  ``b`` is
+    never repeated: the rows of the query heads that read one head of ``b``
+    are stacked, ``(n · kv, group · L, D) @ (n · kv, D, S)``, one plain
+    batched matmul with ``scale`` as its factor (``baddbmm``: on a decoding
+    step about a third of a broadcast matmul after a multiplication).
+    Shapes that broadcast against each other take ``matmul``.
     """
-    shape = a.shape
-    if a.dim() >= 3 and b.dim() == a.dim() and shape[:-3] == b.shape[:-3]:
-        per_head = shape[-3] // b.shape[-3]  # ``group``, or 1 once heads were picked
-        if per_head * b.shape[-3] == shape[-3]:
-            depth, keys = shape[-1], b.shape[-2]
+    shape, b_shape = a.shape, b.shape
+    if len(shape) >= 3 and len(b_shape) == len(shape) and shape[:-3] == b_shape[:-3]:
+        per_head = shape[-3] // b_shape[-3]  # ``group``, or 1 once heads were picked
+        if per_head * b_shape[-3] == shape[-3]:
+            depth, keys = shape[-1], b_shape[-2]
             out = torch.baddbmm(_zero(torch, a), a.reshape(-1, per_head * shape[-2], depth),
                                 b.reshape(-1, keys, depth).transpose(1, 2), beta=0,
                                 alpha=scale)
             return out.view(*shape[:-1], keys)  # (a Size + a tuple costs 1.4 us more)
+    if group is None:
+        _, _, _, group, _, k_heads = _pick_heads(torch, a, b, None)
     b = b.transpose(-2, -1)
     if group == 1:
         out = torch.matmul(a, b)
@@ -335,7 +342,7 @@ class Seam(Extension):
 
 def install(state):
     """Serve ``state`` from now on; put the seam in place if it is not (torch must be imported)."""
-    global _is_compiling, _Tensor, _serving
+    global _is_compiling, _Tensor, _Module, _serving
     with _lock:
         _states.add(state)
         _serving = tuple(weakref.ref(s) for s in _states)
@@ -345,6 +352,7 @@ def install(state):
             _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling",
                                     _is_compiling)
             _Tensor = torch.Tensor
+            _Module = torch.nn.Module
 
 
 def uninstall(state):
@@ -542,6 +550,7 @@ def scaled_dot_product_attention(query, key, value, *args, **kwargs):
 _SDPA = Patch("torch.nn.functional", NAME, scaled_dot_product_attention)
 _is_compiling = bool     # torch.compiler.is_compiling, once torch is seen (bool() is False)
 _Tensor = ()             # torch.Tensor, once torch is seen (nothing is an instance of ())
+_Module = None           # torch.nn.Module, the same
 
 
 def deliver(frame, call, out):
@@ -672,7 +681,7 @@ def locate(frame, call, state):
     function takes the probabilities, and otherwise the key (the qualname of
     the nearest method of an ``nn.Module``, or the kernel's name) and source.
     """
-    module_type = sys.modules["torch"].nn.Module
+    module_type = _Module or sys.modules["torch"].nn.Module
     depth = 0
     while frame is not None and depth < MAX_DEPTH:
         code = frame.f_code

@@ -201,6 +201,28 @@ def test_queries_and_heads_equal_slices_of_the_full_maps(seam):
         np.testing.assert_allclose(got, whole[:, picked][:, :, rows], rtol=1e-6, atol=1e-7)
 
 
+def test_maps_kept_without_a_copy_belong_to_no_one_else(seam):
+    """The seam keeps NumPy's view of the maps it computed: each its own, the model's untouched."""
+    torch = require("torch")
+    np = require("numpy")
+    module = custom_module(torch)
+    torch.manual_seed(0)
+    inputs = [torch.randn(1, 2, 3, 4) for _ in range(3)]
+    with seam.capture(queries=-1) as cache:
+        for x in inputs:
+            module(x, x, x)
+    maps = cache[_only_key(cache)]
+    assert len(maps) == 3
+    for x, got in zip(inputs, maps):  # later calls changed nothing kept before them
+        assert isinstance(got, np.ndarray) and got.shape == (1, 2, 1, 3)
+        assert not np.shares_memory(got, x.numpy())
+        torch.testing.assert_close(torch.from_numpy(got),
+                                   reference_probabilities(torch, x, x, None)[..., -1:, :])
+    assert not np.shares_memory(maps[0], maps[1]) and not np.shares_memory(maps[1], maps[2])
+    maps[0][...] = 0  # writing a kept map changes no other one
+    assert maps[1].sum() > 0 and maps[2].sum() > 0
+
+
 def test_queries_out_of_range_is_reported_not_raised(seam):
     torch = require("torch")
     module = custom_module(torch)

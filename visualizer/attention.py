@@ -29,7 +29,8 @@ import warnings
 from ._errors import VisualizerTypeError, VisualizerValueError
 
 __all__ = [
-    "is_tensor", "to_numpy", "tensor_to_numpy", "as_array", "sample_maps", "why_not_maps",
+    "is_tensor", "to_numpy", "tensor_to_numpy", "owned_to_numpy", "as_array", "sample_maps",
+    "why_not_maps",
     "check_selection", "positions", "select",
     "REDUCTIONS", "ROWS_PER_CHUNK", "check_reduce", "reduce_map", "reduce_rows",
     "rownorm", "rollout_step", "rollout",

@@ -20,7 +20,8 @@ import json
 import sys
 
 from . import _env
-from ._timing import Variant, e2e_table, interleave, markdown, paired_ratio, ratios
+from ._timing import (Variant, capture_switch, e2e_table, interleave, markdown, paired_ratio,
+                      ratios)
 
 SDPA = "SDPA generate (default, no capture)"
 ROWS = "capture(queries=-1): new rows"
@@ -219,15 +220,6 @@ def _per_call_times(get_local, kernel, step, args, n, rounds):
     """{variant: µs per call} of ``per_call``'s variants, interleaved round by round."""
     q, k, v, mask = args
     kept = []
-    scope = {}
-
-    def enter():
-        scope["capture"] = get_local.capture(queries=-1)
-        scope["capture"].__enter__()
-
-    def leave():
-        scope.pop("capture").__exit__(None, None, None)
-        get_local.clear()
 
     def arithmetic():
         out = step(q, k, v, mask)
@@ -245,7 +237,8 @@ def _per_call_times(get_local, kernel, step, args, n, rounds):
     variants = [Variant(KERNEL, loop(lambda: step(q, k, v, mask))),
                 Variant(PROBS, loop(lambda: kernel.probabilities(call, -1))),
                 Variant(ARITHMETIC, loop(arithmetic), exit=kept.clear),
-                Variant(CAPTURING, loop(lambda: step(q, k, v, mask)), enter, leave)]
+                Variant(CAPTURING, loop(lambda: step(q, k, v, mask)),
+                        *capture_switch(get_local, queries=-1))]
     times = interleave(variants, rounds, warmup=1)
     return {name: min(values) / n * 1e6 for name, values in times.items()}
 

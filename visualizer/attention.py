@@ -95,10 +95,6 @@ def _cpu_copy(t):
     return t.cpu().numpy()
 
 
-def _tracing():
-    return sys.modules["torch"].jit.is_tracing()
-
-
 def owned_to_numpy(tensor):
     """``tensor_to_numpy`` of a tensor nothing else holds or writes (a map the seam computed).
 
@@ -108,7 +104,7 @@ def owned_to_numpy(tensor):
     torch = sys.modules["torch"]
     dtype = tensor.dtype
     if tensor.is_cpu and not tensor.requires_grad and dtype is not torch.float16 and \
-            dtype is not torch.bfloat16 and not getattr(torch._C, "_is_tracing", _tracing)():
+            dtype is not torch.bfloat16 and not torch.jit.is_tracing():
         return tensor.numpy()
     return tensor_to_numpy(tensor)
 

@@ -50,8 +50,9 @@ from .._errors import CaptureWarning
 from .._state import Extension, request_key
 from ._common import Preset, head_count, warn_unsplit
 
-__all__ = ["Seam", "install", "uninstall", "adapter", "AttentionCall", "Call", "Patch", "also_patch", "deliver",
-           "deliver_traced", "trace_with", "states", "report", "code_info", "Computed", "exporting",
+__all__ = ["Seam", "install", "uninstall", "adapter", "AttentionCall", "Call", "Patch",
+           "also_patch", "deliver", "deliver_traced", "trace_with", "states", "report",
+           "code_info", "Computed", "exporting",
            "probabilities", "reduced",
            "reduce_map", "calls_seen", "compiling", "leaf_probabilities", "map_gradient", "join",
            "PRESET"]
@@ -261,7 +262,7 @@ def _pick_rows(torch, q, queries):
 
 
 def _grouped_matmul(torch, a, b, group=None, k_heads=None, scale=1.0):
-    """``a @ bᵀ · scale`` per head when ``group`` query heads share each of ``k_heads`` heads of ``b``.
+    """``a @ bᵀ · scale`` per head, ``group`` query heads sharing each of ``b``'s ``k_heads``.
 
     ``a`` is ``(..., q_heads, L, D)`` and ``b`` ``(..., k_heads, S, D)`` (a
     key or a value, not transposed); ``group`` and ``k_heads`` as

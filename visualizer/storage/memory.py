@@ -4,8 +4,8 @@ The default keeps a torch tensor as a detached NumPy copy on the CPU (float16
 and bfloat16 as float32, since NumPy has no bfloat16) and any other value as
 it is.  A map that the kernel seam computed itself is a new tensor nothing else
 holds, so it is kept as NumPy's view of it (``Storage.convert_owned``): no copy
-is needed for nothing else to write it.  Other kinds of storage, chosen with ``get_local.configure`` or
-``get_local.capture``:
+is needed for nothing else to write it.  Other kinds of storage, chosen with
+``get_local.configure`` or ``get_local.capture``:
 
 * ``'tensor'``: a detached copy on the tensor's own device; no transfer, so
   no device synchronisation during the forward pass;
